@@ -1,0 +1,46 @@
+"""Causal self-attention with grouped-query heads (Ainslie et al., 2023, "GQA"), rotary positions and
+PyTorch's `scaled_dot_product_attention` (fused flash/memory-efficient kernels where available)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .rope import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv != self.n_heads:
+            groups = self.n_heads // self.n_kv
+            k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, S, hd)
+            v = v.repeat_interleave(groups, dim=1)
+        # mask=None means plain causal attention over T == S (training / first prefill).
+        causal = mask is None and q.shape[2] > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, n_heads, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
