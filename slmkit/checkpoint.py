@@ -32,6 +32,7 @@ from .model import CausalLM, ConfigError, ModelConfig
 FORMAT = "slmkit.checkpoint/1"
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CHECKPOINT_FILES = ("config.json", WEIGHTS, *TOKENIZER_FILES, "generation_config.json", "README.md")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -141,9 +142,8 @@ def save_checkpoint(model: CausalLM, out: str | Path, *, tokenizer_from: str | P
             "stages": [], "passes": [], **(provenance or {})}
     prov["parameters"] = model.num_parameters()
     atomic_write_text(out / "README.md", model_card(model, prov, card_notes))
-    prov["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(out.iterdir()) if p.is_file() and p.name != "slmkit.json"
-                     and not p.name.startswith(".")}
+    prov["files"] = {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+                     for name in CHECKPOINT_FILES if (out / name).exists()}
     atomic_write_text(out / "slmkit.json", json.dumps(prov, indent=2) + "\n")
     return out
 

@@ -1,0 +1,334 @@
+"""`slm`: the command-line face of slmkit. Thin: parse arguments, call the library, print results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="slmkit: small language models for one domain, trained, measured and served on your machine.")
+export_app = typer.Typer(no_args_is_help=True, help="Export a checkpoint to another format.")
+import_app = typer.Typer(no_args_is_help=True, help="Import a checkpoint from another format.")
+app.add_typer(export_app, name="export")
+app.add_typer(import_app, name="import")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .model import ConfigError
+    from .train import TrainConfigError
+
+    errors: list[type[BaseException]] = [CheckpointError, DataError, ConfigError, TrainConfigError,
+                                         FileNotFoundError]
+    try:
+        from .export import HFExportError
+
+        errors.append(HFExportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+@app.command()
+def data(
+    sources: List[str] = typer.Argument(None, help="Files, directories, globs or .jsonl files. "
+                                                   "None: the default domain (Python stdlib + pydoc topics)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory to write."),
+    text_field: str = typer.Option("text", help="Field holding the text in JSONL records."),
+    vocab_size: int = typer.Option(8192, help="BPE vocabulary size (including special tokens)."),
+    val_fraction: float = typer.Option(0.01, help="Fraction of documents held out (by a hash of their id)."),
+    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Mask e-mails, phones, IPs, card numbers, API keys."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Reuse this tokenizer.json (or a directory with one)."),
+    max_bytes: Optional[int] = typer.Option(None, help="Stop after this many bytes of documents (quick runs)."),
+):
+    """Build a dataset directory: cleaned documents, a byte-level BPE tokenizer and token shards.
+
+    Examples:
+
+        slm data --out runs/ds                          # the default domain
+        slm data docs/ src/ 'notes/**/*.md' --out runs/ds --scrub-pii
+        slm data tickets.jsonl --text-field body --out runs/ds --tokenizer teacher/
+    """
+    from .data import build_dataset
+
+    meta = build_dataset(list(sources or []), out, text_field=text_field, vocab_size=vocab_size,
+                         val_fraction=val_fraction, scrub_pii=scrub_pii, tokenizer=tokenizer, max_bytes=max_bytes)
+    table = Table(title=f"dataset {out}")
+    table.add_column("split")
+    for c in ("documents", "bytes", "tokens"):
+        table.add_column(c, justify="right")
+    for name, s in meta["splits"].items():
+        table.add_row(name, f"{s['documents']:,}", f"{s['bytes']:,}", f"{s['tokens']:,}")
+    out_console.print(table)
+    extra = [f"vocabulary {meta['vocab_size']:,}", f"duplicates removed {meta.get('dedup_removed', 0):,}"]
+    if meta.get("skipped_counts"):
+        extra.append("skipped " + ", ".join(f"{k}: {v}" for k, v in meta["skipped_counts"].items()))
+    if meta.get("pii"):
+        extra.append("PII masked " + ", ".join(f"{k}: {v}" for k, v in meta["pii"].items()))
+    out_console.print("; ".join(extra))
+
+
+# -- train -------------------------------------------------------------------------------------------
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory from `slm data`."),
+    model: str = typer.Option("small", "--model", "-m", help="Preset name (micro, tiny, small, base, medium, "
+                              "large), a config YAML/JSON, or a checkpoint to continue from."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write."),
+    config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig); "
+                                                     "command-line options override it."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size in sequences."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass (gradient accumulation)."),
+    seq_len: Optional[int] = typer.Option(None, help="Training sequence length in tokens."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    warmup_steps: Optional[int] = typer.Option(None),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    eval_every: Optional[int] = typer.Option(None), save_every: Optional[int] = typer.Option(None),
+    time_budget: Optional[float] = typer.Option(None, help="Train for about this many seconds."),
+    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last if a previous run was stopped."),
+):
+    """Pretrain a model on a dataset.
+
+    Examples:
+
+        slm train --data runs/ds --model small --out runs/small --steps 2000
+        slm train --data runs/ds --model my_model.yaml --out runs/m --config train.yaml --resume
+        torchrun --nproc-per-node 2 -m slmkit.cli train --data runs/ds --model tiny --out runs/ddp
+    """
+    from .train import TrainConfig
+    from .train.pretrain import pretrain
+
+    overrides = dict(steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                     lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
+                     eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
+                     device=device)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig(**overrides)
+    result = pretrain(data, model, out, cfg, resume=resume)
+    last = result.evals[-1] if result.evals else {}
+    out_console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s; "
+                      f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
+
+
+# -- generate ----------------------------------------------------------------------------------------
+
+@app.command()
+def generate(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    prompts: List[str] = typer.Argument(..., help="One or more prompts (batched together)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, help="0 = greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
+    stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
+    seed: Optional[int] = typer.Option(None),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come (single prompt)."),
+):
+    """Sample continuations with a KV cache.
+
+    Examples:
+
+        slm generate runs/small "def parse_header(line):" -n 64 --temperature 0
+        slm generate runs/small "import os" "class Queue:" --seed 0 --stop "\\n\\n"
+    """
+    from .checkpoint import load_checkpoint
+    from .serve.generate import SamplingParams, generate as run_generate
+
+    ck = load_checkpoint(ckpt)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop=list(stop), seed=seed)
+    streaming = stream and len(prompts) == 1
+    if streaming:
+        out_console.print(prompts[0], end="", style="bold", markup=False, highlight=False)
+
+    def on_token(row: int, delta: str) -> None:
+        out_console.print(delta, end="", markup=False, highlight=False)
+
+    results = run_generate(ck.model, ck.tokenizer(), list(prompts), params, on_token=on_token if streaming else None)
+    if streaming:
+        out_console.print()
+    else:
+        for p, r in zip(prompts, results):
+            out_console.rule(p[:60], style="dim")
+            out_console.print(p + r.text, markup=False, highlight=False)
+    r = results[0]
+    tok_s = sum(x.completion_tokens for x in results) / max(r.decode_seconds, 1e-9)
+    err_console.print(f"[dim]{sum(x.completion_tokens for x in results)} tokens, {tok_s:.1f} tok/s decode, "
+                      f"finish: {', '.join(x.finish_reason for x in results)}[/]")
+
+
+# -- eval / info -------------------------------------------------------------------------------------
+
+@app.command("eval")
+def eval_cmd(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (its held-out split is scored)."),
+    split: str = typer.Option("val"),
+    seq_len: int = typer.Option(256),
+    max_tokens: Optional[int] = typer.Option(None, help="Score at most this many tokens."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+):
+    """Bits per byte, perplexity and top-1 accuracy on held-out data.
+
+    Example:
+
+        slm eval runs/small --data runs/ds --json runs/small/eval.json
+    """
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import open_dataset, token_byte_lengths
+    from .evaluate.lm import evaluate_lm
+
+    ck = load_checkpoint(ckpt)
+    ds = open_dataset(data)
+    check_same_tokenizer(ck, ds)
+    res = evaluate_lm(ck.model, ds.split(split), token_byte_lengths(ds.tokenizer()), seq_len=seq_len,
+                      max_tokens=max_tokens, autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    table = Table(title=f"{ckpt} on {data} ({split})")
+    for k in ("bits_per_byte", "perplexity", "accuracy", "loss", "tokens", "bytes"):
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{res[k]:.4f}" if isinstance(res[k], float) else f"{res[k]:,}"
+                    for k in ("bits_per_byte", "perplexity", "accuracy", "loss", "tokens", "bytes")))
+    out_console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps({"checkpoint": str(ckpt), "data": str(data), "split": split, **res}, indent=2))
+
+
+def check_same_tokenizer(ck, ds) -> None:
+    import hashlib
+
+    if ck.tokenizer_path is None:
+        return
+    mine = hashlib.sha256(ck.tokenizer_path.read_bytes()).hexdigest()
+    if mine != ds.meta.get("tokenizer_sha256"):
+        raise ValueError(f"{ck.path}/tokenizer.json differs from the dataset's tokenizer; "
+                         f"rebuild the dataset with `slm data ... --tokenizer {ck.path}`")
+
+
+@app.command()
+def info(ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+    """Parameters, bytes on disk, config and provenance of a checkpoint.
+
+    Example:
+
+        slm info runs/small
+    """
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(ckpt)
+    files = {p.name: p.stat().st_size for p in sorted(Path(ckpt).iterdir()) if p.is_file()}
+    summary = {"path": str(ckpt), "parameters": ck.model.num_parameters(),
+               "parameters_without_embeddings": ck.model.num_parameters(exclude_embeddings=True),
+               "bytes_on_disk": sum(files.values()), "files": files, "config": ck.config.to_dict(),
+               "provenance": {k: v for k, v in ck.provenance.items() if k != "files"}}
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+        return
+    t = Table(title=str(ckpt), show_header=False)
+    t.add_row("parameters", f"{summary['parameters']:,} ({summary['parameters_without_embeddings']:,} "
+                            "without embeddings)")
+    t.add_row("bytes on disk", f"{summary['bytes_on_disk']:,}")
+    c = ck.config
+    t.add_row("architecture", f"{c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                              f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv, MLP {c.intermediate_size}, "
+                              f"vocab {c.vocab_size}, context {c.max_position_embeddings}")
+    for s in ck.provenance.get("stages", []):
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in s.get("metrics", {}).items())
+        t.add_row(f"stage {s.get('stage')}", ", ".join(f"{k}={v}" for k, v in s.get("summary", {}).items())
+                  + (f"; {metrics}" if metrics else ""))
+    out_console.print(t)
+
+
+# -- export / import ---------------------------------------------------------------------------------
+
+@export_app.command("hf")
+def export_hf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint directory."),
+                  out: Path = typer.Argument(..., help="Directory to write (Hugging Face layout).")):
+    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Example:
+
+        slm export hf runs/small runs/small-hf
+    """
+    from .export import export_hf
+
+    path = export_hf(ckpt, out)
+    out_console.print(f"wrote {path}")
+
+
+@import_app.command("hf")
+def import_hf_cmd(hf_dir: Path = typer.Argument(..., help="Local Hugging Face Llama/Mistral/Qwen2 directory."),
+                  out: Path = typer.Argument(..., help="slmkit checkpoint directory to write.")):
+    """Read a local Hugging Face checkpoint (safetensors) into slmkit format.
+
+    Example:
+
+        slm import hf ~/models/Llama-3.2-1B runs/llama-1b
+    """
+    from .export import import_hf
+
+    path = import_hf(hf_dir, out)
+    out_console.print(f"wrote {path}")
+
+
+# -- quickstart --------------------------------------------------------------------------------------
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Where everything is written."),
+    profile: str = typer.Option("default", help="default (about 8 minutes) | tiny (about a minute, for tests)."),
+):
+    """Run the main job on the built-in default domain: data, tokenizer, training, evaluation, samples.
+
+    Example:
+
+        slm quickstart
+    """
+    from .pipeline.quickstart import run_quickstart
+
+    run_quickstart(out, profile=profile)
+
+
+def main() -> None:
+    import os
+
+    errors = _user_errors()
+    if os.environ.get("SLM_DEBUG"):  # full tracebacks for bug reports
+        errors = ()
+    try:
+        app()
+    except errors as e:
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(2)
+    except ValueError as e:
+        if os.environ.get("SLM_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

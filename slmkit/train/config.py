@@ -1,0 +1,62 @@
+"""Training configuration: one dataclass, serialised into checkpoints and accepted as YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class TrainConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps (ignored when time_budget_s is set: steps are then chosen to fit)
+    batch_size: int = 16  # global batch, in sequences, across all processes and accumulation steps
+    micro_batch_size: int | None = None  # per process and forward pass; None = batch_size / world size
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto | bf16 | fp32  (auto: bf16 autocast where the device supports it)
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 100  # 0 disables periodic validation
+    eval_tokens: int = 65536  # held-out tokens per validation
+    save_every: int = 200  # 0 saves only at the end
+    log_every: int = 10
+    seed: int = 1234
+    time_budget_s: float | None = None  # train for about this long; steps are set after a short probe
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps > 0, "batch_size": self.batch_size > 0, "seq_len": self.seq_len > 1,
+            "lr": self.lr > 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "warmup_steps": self.warmup_steps >= 0,
+            "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
+            "precision": self.precision in ("auto", "bf16", "fp32"), "eval_tokens": self.eval_tokens > 0,
+            "micro_batch_size": self.micro_batch_size is None or self.micro_batch_size > 0,
+            "time_budget_s": self.time_budget_s is None or self.time_budget_s > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise TrainConfigError(", ".join(f"{k}={getattr(self, k)!r} is invalid" for k in bad))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise TrainConfigError(f"{path}: unknown training field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
