@@ -26,7 +26,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # auto | bf16 | fp32  (auto: bf16 autocast where the device supports it)
+    precision: str = "auto"  # auto | bf16 | fp32  (auto: bf16 autocast on CUDA and on CPUs with native bf16)
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # 0 disables periodic validation
     eval_tokens: int = 65536  # held-out tokens per validation

@@ -44,12 +44,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Elsewhere (e.g. AVX2-only
+    CPUs) torch emulates bf16 matmuls and autocast is several times *slower* than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `cfg.precision`: None means fp32 throughout."""
     if cfg.precision == "fp32":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16  # CPU autocast; fast on AVX-512 BF16 / AMX, correct everywhere
+    if cfg.precision == "bf16" or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
 
 
 class Trainer:
