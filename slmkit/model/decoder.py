@@ -67,11 +67,16 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if not self.lm_head.weight.is_meta:  # a meta-device model is about to receive stored weights
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         self.apply(self._init_weights)
         # Scale residual-branch outputs by depth (GPT-2) so deep stacks start stable.
+        std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+                nn.init.normal_(p, 0.0, std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
