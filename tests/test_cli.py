@@ -1,0 +1,80 @@
+"""End to end through the real command line: data -> train -> eval -> generate -> info -> export/import."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def slm(*args, ok=True, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "slmkit.cli", *map(str, args)], capture_output=True, text=True,
+                       env=ENV, timeout=timeout)
+    if ok:
+        assert r.returncode == 0, f"slm {' '.join(map(str, args))} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tmp_path, tiny_model_yaml):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# Notes\n\nContact ops@example.com about the queue.\n" * 40)
+    (corpus / "b.py").write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 60)
+    (corpus / "blob.bin").write_bytes(b"\x00\x01\x02binary" * 100)
+    (corpus / "records.jsonl").write_text("\n".join(json.dumps({"body": f"ticket {i}: printer on floor {i} is "
+                                                                        f"jammed again"}) for i in range(80))
+                                          + "\n{not json}\n")
+    ds = tmp_path / "ds"
+    r = slm("data", corpus, "--out", ds, "--vocab-size", 300, "--val-fraction", 0.2, "--scrub-pii",
+            "--text-field", "body")
+    assert "skipped" in r.stdout and "email" in r.stdout
+    meta = json.loads((ds / "meta.json").read_text())
+    assert meta["pii"]["email"] >= 1 and meta["skipped_counts"]
+
+    ck = tmp_path / "ck"
+    slm("train", "--data", ds, "--model", tiny_model_yaml, "--out", ck, "--steps", 12, "--batch-size", 4,
+        "--seq-len", 32, "--eval-every", 6, "--save-every", 6, "--precision", "fp32")
+    assert (ck / "model.safetensors").exists() and (ck / "last" / "optimizer.safetensors").exists()
+
+    r = slm("eval", ck, "--data", ds, "--seq-len", 32, "--json", tmp_path / "eval.json")
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 < res["bits_per_byte"] < 10 and 0 <= res["accuracy"] <= 1 and "bits_per_byte" in r.stdout
+
+    r = slm("generate", ck, "def add", "-n", 8, "--temperature", 0, "--no-stream")
+    assert "def add" in r.stdout
+    r = slm("generate", ck, "ticket", "printer", "-n", 5, "--seed", 1)
+    assert "ticket" in r.stdout and "printer" in r.stdout
+
+    info = json.loads(slm("info", ck, "--json").stdout)
+    assert info["parameters"] > 0 and info["provenance"]["stages"][0]["stage"] == "train"
+
+    hf = tmp_path / "hf"
+    slm("export", "hf", ck, hf)
+    assert (hf / "config.json").exists() and (hf / "tokenizer.json").exists()
+    slm("import", "hf", hf, tmp_path / "back")
+    r = slm("eval", tmp_path / "back", "--data", ds, "--seq-len", 32, "--json", tmp_path / "eval2.json")
+    assert json.loads((tmp_path / "eval2.json").read_text())["bits_per_byte"] == pytest.approx(res["bits_per_byte"],
+                                                                                               rel=1e-5)
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path):
+    r = slm("train", "--data", tmp_path / "missing", "--out", tmp_path / "o", ok=False)
+    assert r.returncode == 2 and "slm data" in r.stderr and "Traceback" not in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = slm("data", empty, "--out", tmp_path / "ds", ok=False)
+    assert r.returncode == 2 and "no documents" in r.stderr.lower()
+    r = slm("info", tmp_path / "nope", ok=False)
+    assert r.returncode == 2 and "not a checkpoint directory" in r.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_profile(tmp_path):
+    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny")
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["val_bits_per_byte"] < summary["untrained_bits_per_byte"]
+    assert (tmp_path / "qs" / "model" / "model.safetensors").exists() and "summary.json" in r.stdout
