@@ -35,13 +35,19 @@ class SyntheticStream:
         return self.tokens[start:start + length]
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5, device=torch.device("cpu")) -> float:
+    if device.type == "cuda":
+        n = 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
@@ -64,11 +70,11 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def baseline_step_fn(model, batches, step_counter):
+def baseline_step_fn(model, batches, step_counter, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
 
     def step():
-        b = batches.batch(step_counter[0], slice(None))
+        b = {k: v.to(device) for k, v in batches.batch(step_counter[0], slice(None)).items()}
         step_counter[0] += 1
         logits = model(b["input_ids"])
         loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
@@ -76,6 +82,8 @@ def baseline_step_fn(model, batches, step_counter):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return step
 
@@ -90,7 +98,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (both loops run there)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     torch.manual_seed(0)
     config = resolve_model_config(args.preset, vocab_size=args.vocab)
@@ -98,26 +111,32 @@ def main() -> None:
     batches = LMBatches(stream, args.seq_len, args.batch_size, seed=0)
     tokens = args.batch_size * args.seq_len
 
-    base_model = CausalLM(config)
+    base_model = CausalLM(config).to(device)
     counter = [0]
-    t_base = time_steps(baseline_step_fn(base_model, batches, counter), args.warmup, args.steps)
+    t_base = time_steps(baseline_step_fn(base_model, batches, counter, device), args.warmup, args.steps)
     del base_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
-                      compile=args.compile, eval_every=0, save_every=0)
+                      compile=args.compile, eval_every=0, save_every=0, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(CausalLM(config), lm_step, batches, cfg, tmp, quiet=True)
         trainer.model.train()
-        t_slm = time_steps(trainer._train_step, args.warmup + (2 if args.compile else 0), args.steps)
+        def slm_step():
+            trainer._train_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        t_slm = time_steps(slm_step, args.warmup + (2 if args.compile else 0), args.steps)
         amp = autocast_dtype(cfg, trainer.device)
 
     fpt = flops_per_token(CausalLM(config), args.seq_len)
-    peak32, peak16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    peak32, peak16 = matmul_gflops(torch.float32, device=device), matmul_gflops(torch.bfloat16, device=device)
     rows = [("plain eager fp32 loop", t_base), (f"slmkit Trainer ({'bf16' if amp else 'fp32'}"
                                                 f"{', compiled' if args.compile else ''})", t_slm)]
     print(f"model {args.preset}: {CausalLM(config).num_parameters() / 1e6:.1f}M parameters, batch "
-          f"{args.batch_size}x{args.seq_len}, threads {torch.get_num_threads()}, native bf16: {cpu_has_fast_bf16()}")
+          f"{args.batch_size}x{args.seq_len}, device {device}, threads {torch.get_num_threads()}, "
+          f"CPU native bf16: {cpu_has_fast_bf16()}")
     print(f"matmul peak measured: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     print(f"{'loop':40s} {'s/step':>8s} {'tok/s':>9s} {'MFU fp32':>9s} {'MFU bf16':>9s}")
     for name, t in rows:

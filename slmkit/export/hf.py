@@ -33,6 +33,7 @@ import torch
 from ..checkpoint import (ARCHITECTURES, CheckpointError, atomic_copy, atomic_write_text, check_state_matches,
                           load_checkpoint, save_checkpoint, save_weights)
 from ..model import SUPPORTED_MODEL_TYPES, CausalLM, ConfigError, ModelConfig
+from ..model.config import read_json_object
 from ..model.rope import rope_inverse_frequencies
 
 WEIGHTS = "model.safetensors"
@@ -392,12 +393,4 @@ def _warn_sliding_window(config: ModelConfig, where: str, *, exported: bool) -> 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HFExportError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise HFExportError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    if not isinstance(d, dict):
-        raise HFExportError(f"{path}: expected a JSON object")
-    return d
+    return read_json_object(path, HFExportError)

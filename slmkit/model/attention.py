@@ -35,12 +35,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv != self.n_heads:
-            groups = self.n_heads // self.n_kv
-            k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, S, hd)
-            v = v.repeat_interleave(groups, dim=1)
         # mask=None means plain causal attention over T == S (training / first prefill).
         causal = mask is None and q.shape[2] > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, n_heads, T, hd)
+        # GQA: SDPA broadcasts each key/value head over its group of query heads without copying.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, n_heads, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)

@@ -122,16 +122,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -141,6 +132,20 @@ class ModelConfig:
     @property
     def kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+
+def read_json_object(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON object from `path`, or `error` naming the file (and line) when it is missing or malformed."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d
 
 
 # Fields transformers adds that carry no meaning for the architecture.

@@ -49,15 +49,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, 1, T, head_dim), computed in fp32 then cast.
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
-        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: fold the sign into the table once.
+        cos = torch.cat((cos, cos), dim=-1)[:, None].to(dtype)  # (B, 1, T, head_dim)
+        sin = torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
+        return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, n_heads, T, head_dim)
-    return x * cos + _rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_heads, T, head_dim); sin_signed from RotaryEmbedding (first half negated).
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

@@ -203,11 +203,11 @@ class Trainer:
         barrier(self.dist)
         return record
 
-    def _calibrate_budget(self, t_step: float) -> None:
-        """With a time budget, fix the total number of steps from the measured step time."""
-        remaining = self.cfg.time_budget_s - t_step * self.step
-        evals = 0 if not self.cfg.eval_every else 1
-        self.total_steps = max(self.step + 1, self.step + int(remaining / max(t_step, 1e-6)) - evals)
+    def _calibrate_budget(self, elapsed: float, t_step: float) -> None:
+        """With a time budget, set the total number of steps from the measured step time. Called early
+        (while still warming up), so changing the total leaves the learning-rate schedule intact."""
+        remaining = self.cfg.time_budget_s - elapsed
+        self.total_steps = max(self.step + 1, self.step + int(remaining / max(t_step, 1e-6)))
         if not self.quiet:
             console.print(f"time budget {self.cfg.time_budget_s:.0f}s at {t_step:.2f}s/step: "
                           f"training for {self.total_steps} steps")
@@ -219,7 +219,10 @@ class Trainer:
             self._log_path().unlink()
         self.model.train()
         t_start, done_tokens_at_start = time.perf_counter(), self.tokens_seen
-        probe = 3 if (self.cfg.time_budget_s and not resumed) else 0
+        # Time budget: measure steps after the first (which pays for warm-up and compilation), re-measure
+        # once more, then keep the total fixed.
+        probes = {3, 3 + max(5, self.cfg.warmup_steps // 2)} if (self.cfg.time_budget_s and not resumed) else set()
+        t_first = None
         last = None
         progress = _Progress(self.total_steps, self.step, quiet=self.quiet)
         try:
@@ -228,8 +231,11 @@ class Trainer:
                     t0 = time.perf_counter()
                     last = self._train_step()
                     dt = time.perf_counter() - t0
-                    if probe and self.step == probe:
-                        self._calibrate_budget((time.perf_counter() - t_start) / self.step)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if self.step in probes:
+                        now = time.perf_counter()
+                        self._calibrate_budget(now - t_start, (now - t_first) / (self.step - 1))
                         progress.set_total(self.total_steps)
                     elapsed = time.perf_counter() - t_start
                     last.update(tok_per_s=last["tokens"] / dt, elapsed=elapsed)
