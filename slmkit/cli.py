@@ -126,6 +126,114 @@ def train(
                       f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
 
 
+# -- distill -----------------------------------------------------------------------------------------
+
+def _train_config(config, **overrides):
+    from .train import TrainConfig
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig.from_yaml(config, **overrides) if config else TrainConfig(**overrides)
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", "-t", help="Teacher checkpoint directory."),
+    student: str = typer.Option(..., "--student", "-s", help="Preset, config YAML, checkpoint, or `teacher:N` "
+                                "(keep N evenly spaced teacher layers) / `teacher:0,3,5` (those layers)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (built with the teacher's tokenizer "
+                                                         "for logit KD)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Student checkpoint directory to write."),
+    mode: str = typer.Option("logits", help="logits (token-level KD) | sequence (train on teacher-written text; "
+                                            "works across tokenizers)."),
+    loss: str = typer.Option("forward_kl", help="forward_kl | reverse_kl | jsd"),
+    temperature: float = typer.Option(1.0, help="Softmax temperature of both distributions (loss scaled by T^2)."),
+    beta: float = typer.Option(0.5, help="Generalized JSD interpolation (jsd only)."),
+    alpha: float = typer.Option(0.5, help="Weight of the KD loss; 1-alpha goes to next-token cross-entropy."),
+    cache: Optional[Path] = typer.Option(None, help="Train from this teacher logit cache (`slm teacher-cache`)."),
+    cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Build the teacher cache first (top-k "
+                                       "--cache-k) next to the dataset, then train from it."),
+    cache_k: int = typer.Option(16, help="Top-k log-probabilities kept per position in the cache."),
+    on_policy: float = typer.Option(0.0, help="Fraction of steps on student-sampled continuations (GKD)."),
+    on_policy_tokens: int = typer.Option(64, help="Tokens the student samples per window on those steps."),
+    hidden_weight: float = typer.Option(0.0, help="Weight of the hidden-state loss (0 = off)."),
+    layer_map: Optional[str] = typer.Option(None, help="Student:teacher layer pairs, e.g. 0:1,1:3 (default: uniform)."),
+    prompts: int = typer.Option(256, help="--mode sequence: number of teacher continuations."),
+    new_tokens: int = typer.Option(128, help="--mode sequence: tokens the teacher writes per prompt."),
+    config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig)."),
+    steps: Optional[int] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
+    micro_batch_size: Optional[int] = typer.Option(None), seq_len: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile"),
+    eval_every: Optional[int] = typer.Option(None), save_every: Optional[int] = typer.Option(None),
+    time_budget: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last."),
+):
+    """Distill a teacher into a smaller student (logit KD, cached, on-policy, hidden states, or sequence-level).
+
+    Examples:
+
+        slm distill --teacher runs/teacher --student tiny --data runs/ds --out runs/student --steps 500
+        slm distill -t runs/teacher -s teacher:4 -d runs/ds -o runs/s4 --loss jsd --beta 0.5 --temperature 2
+        slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --cache-teacher --cache-k 16
+        slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --on-policy 0.25 --hidden-weight 1.0
+        slm distill -t runs/hf-llama -s small -d runs/ds -o runs/s --mode sequence --prompts 512
+    """
+    from .distill import KDConfig
+    from .distill.run import distill as run_distill
+
+    cfg = _train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
+                        eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
+                        device=device)
+    if mode == "sequence":
+        from .distill.sequence import distill_sequence
+
+        result = distill_sequence(teacher, student, data, out, cfg, prompts=prompts, new_tokens=new_tokens,
+                                  temperature=temperature, resume=resume)
+    elif mode == "logits":
+        kd = KDConfig(loss=loss, temperature=temperature, beta=beta, alpha=alpha, on_policy=on_policy,
+                      on_policy_tokens=on_policy_tokens, hidden_weight=hidden_weight, layer_map=layer_map)
+        if cache_teacher:
+            from .distill.teacher_cache import build_teacher_cache
+
+            cache = build_teacher_cache(teacher, data, k=cache_k, seq_len=cfg.seq_len, temperature=temperature)
+        result = run_distill(teacher, student, data, out, cfg, kd, cache=cache, resume=resume)
+    else:
+        raise ValueError(f"--mode {mode!r}: choose logits or sequence")
+    last = result.evals[-1] if result.evals else {}
+    out_console.print(f"distilled {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s; "
+                      f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    teacher: Path = typer.Option(..., "--teacher", "-t", help="Teacher checkpoint directory."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (the teacher's tokenizer)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory (default: inside the dataset)."),
+    k: int = typer.Option(16, help="Top-k log-probabilities kept per position."),
+    seq_len: int = typer.Option(256, help="Window length; distill with the same --seq-len."),
+    temperature: float = typer.Option(1.0, help="Teacher temperature; distill with the same --temperature."),
+    batch_size: int = typer.Option(8), max_chunks: Optional[int] = typer.Option(None, help="Cache only this many windows."),
+    device: str = typer.Option("cpu"),
+):
+    """Run the teacher once over the training split and store its top-k log-probabilities (resumable).
+
+    Example:
+
+        slm teacher-cache --teacher runs/teacher --data runs/ds --k 16
+        slm distill --teacher runs/teacher --student tiny --data runs/ds --out runs/s --cache runs/ds/teacher_cache/...
+    """
+    from .distill.teacher_cache import build_teacher_cache, open_teacher_cache
+
+    path = build_teacher_cache(teacher, data, out, k=k, seq_len=seq_len, temperature=temperature,
+                               batch_size=batch_size, max_chunks=max_chunks, device=device)
+    meta = open_teacher_cache(path).meta
+    out_console.print(f"teacher cache {path}: {meta['num_chunks']:,} windows x {meta['seq_len']} tokens, "
+                      f"top-{meta['k']}, {meta['bytes'] / 1e6:.1f} MB, built in {meta['seconds']:.0f}s")
+
+
 # -- generate ----------------------------------------------------------------------------------------
 
 @app.command()

@@ -72,7 +72,8 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, step_fn: Callable, batches, cfg: TrainConfig, out: str | Path, *,
                  evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer_from: str | Path | None = None,
-                 provenance: dict | None = None, on_step_end: Callable | None = None, quiet: bool = False):
+                 provenance: dict | None = None, on_step_end: Callable | None = None, quiet: bool = False,
+                 extra_modules: torch.nn.Module | None = None):
         self.cfg, self.out = cfg, Path(out)
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -91,7 +92,11 @@ class Trainer:
         if per_rank % self.micro:
             raise TrainConfigError(f"per-process batch {per_rank} is not divisible by micro_batch_size={self.micro}")
         self.accum = per_rank // self.micro
-        self.optimizer = build_optimizer(self.model, cfg)
+        # Modules trained beside the model but not saved in its checkpoint (e.g. KD projections).
+        self.extra_modules = extra_modules.to(self.device) if extra_modules is not None else None
+        trained = self.model if extra_modules is None else torch.nn.ModuleList([self.model, self.extra_modules])
+        self.optimizer = build_optimizer(trained, cfg)
+        self.trained_parameters = list(trained.parameters())
         self.forward_model = self.model
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
@@ -113,14 +118,15 @@ class Trainer:
     def save_state(self) -> None:
         if self.dist.is_main:
             save_train_state(self.out, self.model, self.optimizer, self._trainer_state(),
-                             tokenizer_from=self.tokenizer_from, provenance=self.provenance)
+                             tokenizer_from=self.tokenizer_from, provenance=self.provenance,
+                             extra_modules=self.extra_modules)
         barrier(self.dist)
 
     def try_resume(self) -> bool:
         state_dir = find_train_state(self.out)
         if state_dir is None:
             return False
-        st = load_train_state(state_dir, self.model, self.optimizer)
+        st = load_train_state(state_dir, self.model, self.optimizer, self.extra_modules)
         saved_cfg = st.get("config", {})
         for key in ("batch_size", "seq_len", "seed"):
             if saved_cfg.get(key) != getattr(self.cfg, key):
@@ -176,9 +182,13 @@ class Trainer:
                 loss, _ = self._micro_step(batch)
             losses.append(loss)
             tokens += int(batch["input_ids"].numel())
+        if self.extra_modules is not None and self.dist.enabled:  # DDP syncs only the wrapped model
+            for p in self.extra_modules.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(all_reduce_mean(p.grad, self.dist))
         grad_norm = None
         if self.cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = all_reduce_mean(torch.stack(losses).float().mean(), self.dist)

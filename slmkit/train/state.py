@@ -43,7 +43,8 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_train_state(out: Path, model, opt, trainer_state: dict, *, tokenizer_from=None, provenance=None) -> Path:
+def save_train_state(out: Path, model, opt, trainer_state: dict, *, tokenizer_from=None, provenance=None,
+                     extra_modules: torch.nn.Module | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -56,6 +57,9 @@ def save_train_state(out: Path, model, opt, trainer_state: dict, *, tokenizer_fr
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
+    if extra_modules is not None:  # trained alongside the model but not part of it (e.g. KD projections)
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_modules.state_dict().items()},
+                  str(tmp / "extra.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=2))
     # Swap: the previous state survives until the new one is complete.
     if final.exists():
@@ -75,7 +79,7 @@ def find_train_state(out: Path) -> Path | None:
     return None
 
 
-def load_train_state(state_dir: Path, model, opt) -> dict:
+def load_train_state(state_dir: Path, model, opt, extra_modules: torch.nn.Module | None = None) -> dict:
     from safetensors.torch import load_file
 
     try:
@@ -95,6 +99,12 @@ def load_train_state(state_dir: Path, model, opt) -> dict:
         rng = load_file(str(state_dir / "rng.safetensors"))
     except Exception as e:  # noqa: BLE001 - any read failure means the state is unusable
         raise CheckpointError(f"{state_dir}: optimizer/RNG state unreadable ({e})") from None
+    if extra_modules is not None:
+        extra_file = state_dir / "extra.safetensors"
+        if not extra_file.exists():
+            raise CheckpointError(f"{extra_file}: missing; the run being resumed did not train the same extra "
+                                  "modules (e.g. hidden-state projections) — resume with the same options")
+        extra_modules.load_state_dict(load_file(str(extra_file)))
     optimizer_from_flat(opt, opt_tensors, trainer_state.pop("optimizer"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

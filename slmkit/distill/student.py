@@ -1,0 +1,68 @@
+"""Student initialisation: from scratch (a preset or config), from a checkpoint, or from the teacher itself
+by keeping a subset of its layers (depth pruning, as in Minitron: Muralidharan et al., 2024, "Compact
+Language Models via Pruning and Knowledge Distillation" — prune the teacher, then distill into the result)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..model import CausalLM, resolve_model_config
+from .kd_losses import KDError
+
+TEACHER_SPEC = re.compile(r"^teacher:(?P<layers>[0-9,]+)$")
+
+
+def evenly_spaced_layers(n_teacher: int, keep: int) -> list[int]:
+    """`keep` layer indices spread over the teacher's depth, always including the first and the last."""
+    if not 1 <= keep <= n_teacher:
+        raise KDError(f"cannot keep {keep} of the teacher's {n_teacher} layers")
+    if keep == 1:
+        return [n_teacher - 1]
+    return sorted({round(i * (n_teacher - 1) / (keep - 1)) for i in range(keep)})
+
+
+def student_from_teacher_layers(teacher: CausalLM, layers: list[int]) -> CausalLM:
+    """A copy of `teacher` with only `layers` (in order): embeddings, final norm and head are kept."""
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise KDError(f"teacher has {n} layers (0..{n - 1}); the student spec names {bad or 'none'}")
+    config = teacher.config.replace(num_hidden_layers=len(layers))
+    with torch.device("meta"):
+        student = CausalLM(config)
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if m is None:
+            state[name] = tensor.detach().clone()
+        elif int(m.group(1)) in layers:
+            state[f"model.layers.{layers.index(int(m.group(1)))}.{m.group(2)}"] = tensor.detach().clone()
+    student.load_state_dict(state, strict=False, assign=True)
+    student.tie_weights()
+    student.model.rotary_emb.inv_freq = teacher.model.rotary_emb.inv_freq.detach().clone()
+    return student
+
+
+def build_student(spec: str | Path, teacher: Checkpoint | None, ds, *, seq_len: int) -> tuple[CausalLM, dict]:
+    """Resolve `--student`: `teacher:N` (keep N evenly spaced teacher layers), `teacher:0,3,5` (those layers),
+    a checkpoint directory, or a preset / config file (fresh weights at the dataset's vocabulary).
+    Returns the model and a provenance record of how it was made."""
+    spec_str = str(spec)
+    m = TEACHER_SPEC.match(spec_str)
+    if m:
+        parts = [int(x) for x in m.group("layers").split(",") if x]
+        n = teacher.config.num_hidden_layers
+        layers = evenly_spaced_layers(n, parts[0]) if len(parts) == 1 else parts
+        return student_from_teacher_layers(teacher.model, layers), {"init": "teacher_layers", "layers": layers}
+    path = Path(spec_str)
+    if path.is_dir() and (path / "model.safetensors").exists():
+        ck = load_checkpoint(path)
+        return ck.model, {"init": "checkpoint", "path": str(path.resolve())}
+    config = resolve_model_config(spec, vocab_size=ds.vocab_size, bos_token_id=ds.bos_token_id,
+                                  eos_token_id=ds.eos_token_id, pad_token_id=ds.pad_token_id,
+                                  max_position_embeddings=max(2048, seq_len))
+    return CausalLM(config), {"init": "scratch", "model": spec_str}

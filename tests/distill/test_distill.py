@@ -1,0 +1,138 @@
+"""Distillation through the shared loop: online, cached, on-policy, hidden states, student init, sequence-level."""
+
+import json
+
+import pytest
+import torch
+
+from slmkit.checkpoint import load_checkpoint
+from slmkit.distill import KDConfig, KDError
+from slmkit.distill.run import distill
+from slmkit.distill.sequence import distill_sequence
+from slmkit.distill.student import evenly_spaced_layers
+from slmkit.distill.teacher_cache import TeacherCacheError, build_teacher_cache
+from slmkit.train import TrainConfig
+from slmkit.train.pretrain import pretrain
+
+STUDENT_YAML = "hidden_size: 16\nintermediate_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nnum_key_value_heads: 1\n"
+
+
+def cfg(**kw):
+    base = dict(steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=0, save_every=3,
+                log_every=1, precision="fp32", eval_tokens=512, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_dataset, tiny_model_yaml, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    pretrain(tiny_dataset, tiny_model_yaml, out, cfg(steps=30, save_every=0), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_yaml(tmp_path_factory):
+    f = tmp_path_factory.mktemp("s") / "student.yaml"
+    f.write_text(STUDENT_YAML)
+    return f
+
+
+def log(out):
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_online_distillation_trains_and_records_provenance(teacher, student_yaml, tiny_dataset, tmp_path, loss):
+    out = tmp_path / "s"
+    res = distill(teacher, student_yaml, tiny_dataset, out, cfg(), KDConfig(loss=loss, temperature=2.0), quiet=True)
+    assert res.steps == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    stage = load_checkpoint(out).provenance["stages"][0]
+    assert stage["stage"] == "distill" and stage["kd"]["loss"] == loss and stage["kd"]["temperature"] == 2.0
+    assert len(stage["teacher"]["weights_sha256"]) == 64 and stage["tokens_seen"] == res.tokens
+    assert "teacher_sha256" in (out / "README.md").read_text()
+
+
+def test_student_from_teacher_layers_keeps_those_weights(teacher, tiny_dataset, tmp_path):
+    assert evenly_spaced_layers(8, 3) == [0, 4, 7] and evenly_spaced_layers(2, 1) == [1]
+    out = tmp_path / "s"
+    distill(teacher, "teacher:1", tiny_dataset, out, cfg(steps=1, lr=1e-12, warmup_steps=0), KDConfig(), quiet=True)
+    t, s = load_checkpoint(teacher).model, load_checkpoint(out).model
+    assert s.config.num_hidden_layers == 1
+    assert torch.allclose(s.model.layers[0].mlp.up_proj.weight, t.model.layers[1].mlp.up_proj.weight, atol=1e-6)
+    with pytest.raises(KDError, match="teacher has 2 layers"):
+        distill(teacher, "teacher:0,5", tiny_dataset, tmp_path / "bad", cfg(), KDConfig(), quiet=True)
+
+
+def test_cached_distillation_matches_its_inputs_and_refuses_others(teacher, student_yaml, tiny_dataset, tmp_path):
+    cache = build_teacher_cache(teacher, tiny_dataset, tmp_path / "cache", k=8, seq_len=32, progress=False)
+    out = tmp_path / "s"
+    res = distill(teacher, student_yaml, tiny_dataset, out, cfg(), KDConfig(alpha=0.8), cache=cache, quiet=True)
+    assert res.steps == 6 and load_checkpoint(out).provenance["stages"][0]["cache"] == str(cache.resolve())
+    with pytest.raises(TeacherCacheError, match="temperature"):
+        distill(teacher, student_yaml, tiny_dataset, tmp_path / "x", cfg(), KDConfig(temperature=2.0), cache=cache,
+                quiet=True)
+    with pytest.raises(KDError, match="seq_len=32"):
+        distill(teacher, student_yaml, tiny_dataset, tmp_path / "x", cfg(seq_len=16), KDConfig(), cache=cache,
+                quiet=True)
+    with pytest.raises(KDError, match="needs the teacher online"):
+        distill(teacher, student_yaml, tiny_dataset, tmp_path / "x", cfg(), KDConfig(on_policy=0.5), cache=cache,
+                quiet=True)
+
+
+def test_on_policy_and_hidden_state_distillation_resume_exactly(teacher, student_yaml, tiny_dataset, tmp_path):
+    kd = KDConfig(loss="jsd", on_policy=0.5, on_policy_tokens=8, hidden_weight=1.0)
+    straight = tmp_path / "a"
+    distill(teacher, student_yaml, tiny_dataset, straight, cfg(), kd, quiet=True)
+    from slmkit.distill.steps import KDStep
+
+    chooser = KDStep(KDConfig(on_policy=0.5), load_checkpoint(teacher).model, seed=3)
+    assert 0 < sum(chooser.is_on_policy(s) for s in range(6)) < 6  # a mix of on-policy and dataset batches
+    crashed = tmp_path / "b"
+
+    def crash(step, _):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        distill(teacher, student_yaml, tiny_dataset, crashed, cfg(), kd, on_step_end=crash, quiet=True)
+    assert (crashed / "last" / "extra.safetensors").exists()  # the learned hidden-state maps are in the state
+    distill(teacher, student_yaml, tiny_dataset, crashed, cfg(), kd, resume=True, quiet=True)
+    la = [r["loss"] for r in log(straight) if "loss" in r]
+    lb = [r["loss"] for r in log(crashed) if "loss" in r]
+    assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_refusals_before_training(teacher, student_yaml, tiny_dataset, tmp_path):
+    from slmkit.data import build_dataset
+
+    other = tmp_path / "other_ds"
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i, words in enumerate(["completely different words", "for another tokenizer", "with its own merges"]):
+        (corpus / f"{i}.txt").write_text((words + " ") * 200)
+    build_dataset([str(corpus)], other, vocab_size=300, val_fraction=0.1, progress=False)
+    with pytest.raises(KDError, match="--mode sequence"):
+        distill(teacher, student_yaml, other, tmp_path / "x", cfg(), KDConfig(), quiet=True)
+    with pytest.raises(KDError, match="temperature"):
+        KDConfig(temperature=0)
+    with pytest.raises(KDError, match="student has 1 layers|out of range|names"):
+        distill(teacher, student_yaml, tiny_dataset, tmp_path / "x", cfg(),
+                KDConfig(hidden_weight=1.0, layer_map="0:1,3:1"), quiet=True)
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()  # nothing started
+
+
+def test_sequence_level_distillation_across_tokenizers(teacher, student_yaml, tmp_path):
+    from slmkit.data import build_dataset
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n" * 100)
+    (corpus / "b.md").write_text("Notes about the code and how to call f.\n" * 100)
+    ds = tmp_path / "student_ds"  # its own tokenizer, unlike the teacher's
+    build_dataset([str(corpus)], ds, vocab_size=280, val_fraction=0.5, progress=False)
+    out = tmp_path / "s"
+    res = distill_sequence(teacher, student_yaml, ds, out, cfg(steps=4, save_every=0), prompts=6, prompt_tokens=8,
+                           new_tokens=12, quiet=True)
+    lines = (out / "teacher_corpus.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(ln)["text"] for ln in lines)
+    assert res.steps == 4 and load_checkpoint(out).provenance["stages"][0]["mode"] == "sequence"
