@@ -108,6 +108,12 @@ def _float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def softened_logprobs(logits: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / T) in at least fp32; no division at T = 1 (it costs a vocabulary-sized pass)."""
+    x = _float(logits)
+    return torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
+
+
 def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Temperature-softened log-probabilities over the full vocabulary: (..., V) each -> (s_logp, t_logp)."""
     _check_temperature(temperature)
@@ -117,9 +123,7 @@ def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: 
             f"the teacher and student vocabularies differ (V_t={v_t} vs V_s={v_s}); logit KD compares "
             f"distributions token by token and needs a shared tokenizer: rebuild the student's dataset with "
             f"`--tokenizer TEACHER`, or use `slm distill --mode sequence` (trains on teacher-generated text)")
-    s_logp = torch.log_softmax(_float(student_logits) / temperature, dim=-1)  # (..., V)
-    t_logp = torch.log_softmax(_float(teacher_logits) / temperature, dim=-1)  # (..., V)
-    return s_logp, t_logp
+    return softened_logprobs(student_logits, temperature), softened_logprobs(teacher_logits, temperature)
 
 
 def topk_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor,
@@ -146,13 +150,16 @@ def topk_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tenso
         raise KDError(f"teacher cache names token ids up to {int(topk_ids.max())} but the student vocabulary "
                       f"has {vocab} tokens; the cache was built with a different tokenizer — rebuild it with "
                       f"the student's tokenizer, or use `slm distill --mode sequence`")
+    return topk_buckets(softened_logprobs(student_logits, temperature), topk_ids, topk_logprobs, tail_logprob)
+
+
+def topk_buckets(s_full: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """`topk_logprobs` from the student's full log-probabilities (..., V), for callers that already have
+    them (a KD step reuses them for its cross-entropy term). Returns (s_logp, t_logp), (..., k+1) each."""
     ids = topk_ids.long()
-    s_full = torch.log_softmax(_float(student_logits) / temperature, dim=-1)  # (..., V)
     s_top = s_full.gather(-1, ids)  # (..., k)
-    in_top = torch.zeros_like(s_full, dtype=torch.bool).scatter_(-1, ids, True)  # (..., V)
-    # A row whose top-k is the whole vocabulary gets logsumexp(all −inf) = −inf, exactly right. Its backward
-    # is NaN, but only at entries masked_fill overwrote, and masked_fill's backward zeroes exactly those.
-    s_tail = torch.logsumexp(s_full.masked_fill(in_top, float("-inf")), -1, keepdim=True)  # (..., 1)
+    s_tail = _student_tail(s_full, s_top, ids)  # (..., 1)
     s_logp = torch.cat([s_top, s_tail], dim=-1)  # (..., k+1)
 
     tail = _float(tail_logprob).to(s_full.dtype)
@@ -160,6 +167,27 @@ def topk_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tenso
         tail = tail.unsqueeze(-1)  # (..., 1)
     t_logp = torch.log_softmax(torch.cat([_float(topk_logprobs).to(s_full.dtype), tail], dim=-1), dim=-1)
     return s_logp, t_logp  # (..., k+1) each
+
+
+# Below this top-k mass, log(1 - mass) from the k gathered log-probs is accurate to ~1e-4 relative in fp32.
+_WELL_CONDITIONED = math.log(0.999)
+
+
+def _student_tail(s_full: Tensor, s_top: Tensor, ids: Tensor) -> Tensor:
+    """log(student mass outside the top-k), (..., 1). Cheap path: log1mexp of the top-k mass, from k values.
+    When the top-k hold nearly all the mass (> 0.999), 1 - mass cancels in fp32, so those rows — and only
+    those — take the exact path: a logsumexp over the non-top-k log-probs (−inf exactly when k = V)."""
+    lse_top = torch.logsumexp(s_top, dim=-1, keepdim=True)  # (..., 1), <= 0
+    tail = torch.log(-torch.expm1(lse_top.clamp(max=_WELL_CONDITIONED)))  # log(1 - exp(lse_top))
+    confident = (lse_top > _WELL_CONDITIONED).squeeze(-1)  # (...)
+    if bool(confident.any()):
+        rows = confident.nonzero(as_tuple=True)
+        # One out-of-place scatter masks the top-k ids. A row whose top-k is the whole vocabulary gets
+        # logsumexp(all −inf) = −inf, exactly right; its backward is NaN only at entries the scatter overwrote,
+        # and scatter's backward replaces (not multiplies) exactly those gradients with zeros.
+        exact = torch.logsumexp(s_full[rows].scatter(-1, ids[rows], float("-inf")), -1, keepdim=True)
+        tail = tail.index_put(rows, exact)
+    return tail
 
 
 # -- the trainer-facing loss ----------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .hidden import HiddenStateLoss
-from .kd_losses import KDError, combine, dense_logprobs, kd_loss, topk_logprobs, validate_kd_config
+from .kd_losses import (KDError, combine, dense_logprobs, kd_loss, softened_logprobs, topk_buckets,
+                        validate_kd_config)
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,25 @@ class KDStep:
         want_hidden = self.hidden is not None
         out = model(ids, return_hidden_states=want_hidden)
         s_logits, s_hidden = out if want_hidden else (out, None)
+        T = self.cfg.temperature
+        s_full = softened_logprobs(s_logits, T)  # (B, T, V), computed once
         if "teacher_topk_ids" in batch:
-            s_logp, t_logp = topk_logprobs(s_logits, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                                           batch["teacher_tail_logprob"], self.cfg.temperature)
+            if batch["teacher_topk_ids"].max() >= s_logits.shape[-1]:
+                raise KDError(f"the teacher cache names token ids beyond the student's vocabulary "
+                              f"({s_logits.shape[-1]}); it was built with another tokenizer")
+            s_logp, t_logp = topk_buckets(s_full, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+                                          batch["teacher_tail_logprob"])
         else:
             with torch.no_grad():
                 t_out = self.teacher(ids, return_hidden_states=want_hidden)
             t_logits, t_hidden = t_out if want_hidden else (t_out, None)
-            s_logp, t_logp = dense_logprobs(s_logits, t_logits, self.cfg.temperature)
-        kd = kd_loss(self.cfg.loss, s_logp, t_logp, mask=mask, temperature=self.cfg.temperature, beta=self.cfg.beta)
-        ce = F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            if t_logits.shape[-1] != s_logits.shape[-1]:
+                dense_logprobs(s_logits, t_logits, T)  # raises the vocabulary-mismatch error
+            s_logp, t_logp = s_full, softened_logprobs(t_logits, T)
+        kd = kd_loss(self.cfg.loss, s_logp, t_logp, mask=mask, temperature=T, beta=self.cfg.beta)
+        # Next-token cross-entropy reuses the student's log-probs when they are unsoftened.
+        ce_logp = s_full if T == 1 else softened_logprobs(s_logits, 1.0)
+        ce = F.nll_loss(ce_logp.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss = combine(kd, ce, alpha)
         metrics = {"kd": kd.detach(), "ce": ce.detach()}
         if self.hidden is not None:
