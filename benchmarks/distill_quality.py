@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--loss", default="forward_kl")
-    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--alpha", default="0.5", help="KD weight; a comma list trains one distilled student each")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eval-tokens", type=int, default=100_000)
     ap.add_argument("--device", default="auto")
@@ -88,23 +88,29 @@ def main() -> None:
         pretrain(data, args.teacher_preset, teacher, TrainConfig(steps=args.teacher_steps, **base), quiet=True)
         timings["teacher_train_s"] = time.perf_counter() - t0
     student_yaml = work / "student.yaml"
-    student_yaml.write_text("".join(f"{kv.split('=')[0]}: {kv.split('=')[1]}\n" for kv in args.student.split(",")))
+    if "=" in args.student:
+        student_yaml.write_text("".join(f"{kv.split('=')[0]}: {kv.split('=')[1]}\n" for kv in args.student.split(",")))
+    else:
+        student_yaml.write_text(f"preset: {args.student}\n")
 
     cfg = TrainConfig(steps=args.steps, **base)
     t0 = time.perf_counter()
     pretrain(data, student_yaml, work / "scratch", cfg, quiet=True)
     timings["scratch_train_s"] = time.perf_counter() - t0
-    kd = KDConfig(loss=args.loss, alpha=args.alpha, temperature=args.temperature)
-    t0 = time.perf_counter()
-    distill(teacher, student_yaml, data, work / "distilled", cfg, kd, quiet=True)
-    timings["distill_train_s"] = time.perf_counter() - t0
+    alphas = [float(a) for a in args.alpha.split(",")]
+    for alpha in alphas:
+        t0 = time.perf_counter()
+        distill(teacher, student_yaml, data, work / f"distilled-a{alpha:g}", cfg,
+                KDConfig(loss=args.loss, alpha=alpha, temperature=args.temperature), quiet=True)
+        timings[f"distill_a{alpha:g}_train_s"] = time.perf_counter() - t0
+    kd = KDConfig(loss=args.loss, alpha=alphas[0], temperature=args.temperature)
 
     device = resolve_device(args.device)
     lengths = token_byte_lengths(ds.tokenizer())
     amp = autocast_dtype(cfg, device)
     rows = {}
     for name, path in [("teacher", teacher), ("student, scratch", work / "scratch"),
-                       ("student, distilled", work / "distilled")]:
+                       *((f"student, KD alpha={a:g}", work / f"distilled-a{a:g}") for a in alphas)]:
         ck = load_checkpoint(path)
         ck.model.to(device)
         m = evaluate_lm(ck.model, ds.split("val"), lengths, seq_len=args.seq_len, max_tokens=args.eval_tokens,
@@ -132,14 +138,15 @@ def main() -> None:
 
     print(f"\ndevice {device}; student {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
           f"loss {args.loss}, alpha {args.alpha}, T {args.temperature}")
-    print(f"{'model':22s} {'params':>11s} {'bits/byte':>10s} {'top-1':>7s}")
+    print(f"{'model':26s} {'params':>11s} {'bits/byte':>10s} {'top-1':>7s}")
     for name, r in rows.items():
-        print(f"{name:22s} {r['parameters']:11,d} {r['bits_per_byte']:10.4f} {r['accuracy']:7.3f}")
-    s, d, t = rows["student, scratch"], rows["student, distilled"], rows["teacher"]
+        print(f"{name:26s} {r['parameters']:11,d} {r['bits_per_byte']:10.4f} {r['accuracy']:7.3f}")
+    s, t = rows["student, scratch"], rows["teacher"]
     print(f"student/teacher parameters: {s['parameters'] / t['parameters']:.1%} (target <= 25%)")
-    print(f"distilled vs scratch bits/byte: {1 - d['bits_per_byte'] / s['bits_per_byte']:+.1%} better "
-          f"(target >= 5%)")
-    print(f"distilled top-1 / teacher top-1: {d['accuracy'] / t['accuracy']:.1%} (target >= 90%)")
+    for a in alphas:
+        d = rows[f"student, KD alpha={a:g}"]
+        print(f"KD alpha={a:g}: bits/byte {1 - d['bits_per_byte'] / s['bits_per_byte']:+.1%} vs scratch "
+              f"(target >= +5%); top-1 {d['accuracy'] / t['accuracy']:.1%} of the teacher's (target >= 90%)")
     tokens = args.batch_size * args.seq_len
     print(f"{'step':30s} {'s/step':>8s} {'us/token':>9s} {'vs plain':>9s}")
     for name, sec in cost.items():

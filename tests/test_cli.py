@@ -78,3 +78,24 @@ def test_quickstart_tiny_profile(tmp_path):
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["val_bits_per_byte"] < summary["untrained_bits_per_byte"]
     assert (tmp_path / "qs" / "model" / "model.safetensors").exists() and "summary.json" in r.stdout
+
+
+@pytest.mark.slow
+def test_distill_through_the_cli(tmp_path, tiny_dataset, tiny_model_yaml):
+    teacher = tmp_path / "teacher"
+    slm("train", "--data", tiny_dataset, "--model", tiny_model_yaml, "--out", teacher, "--steps", 8,
+        "--batch-size", 4, "--seq-len", 32, "--precision", "fp32", "--eval-every", 0)
+    student = tmp_path / "student.yaml"
+    student.write_text("hidden_size: 16\nintermediate_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\n")
+    r = slm("distill", "--teacher", teacher, "--student", student, "--data", tiny_dataset, "--out", tmp_path / "s",
+            "--steps", 4, "--batch-size", 4, "--seq-len", 32, "--precision", "fp32", "--cache-teacher",
+            "--cache-k", 8, "--loss", "jsd", "--temperature", 1.0)
+    assert "distilled 4 steps" in r.stdout
+    caches = list((tiny_dataset / "teacher_cache").iterdir())
+    assert caches and (caches[0] / "meta.json").exists()
+    info = json.loads(slm("info", tmp_path / "s", "--json").stdout)
+    stage = info["provenance"]["stages"][0]
+    assert stage["stage"] == "distill" and stage["kd"]["loss"] == "jsd" and stage["cache"]
+    r = slm("distill", "--teacher", teacher, "--student", student, "--data", tiny_dataset, "--out", tmp_path / "x",
+            "--temperature", 0, ok=False)
+    assert r.returncode == 2 and "temperature" in r.stderr

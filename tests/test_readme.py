@@ -24,8 +24,9 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 
 def test_every_documented_subcommand_has_help():
     text = (ROOT / "README.md").read_text()
-    commands = sorted(set(re.findall(r"^slm ([a-z]+(?: hf)?)", text, flags=re.M)))
-    assert {"data", "train", "generate", "eval", "info", "export hf", "import hf"} <= set(commands)
+    commands = sorted(set(re.findall(r"^slm ([a-z-]+(?: hf)?)", text, flags=re.M)))
+    assert {"data", "train", "generate", "eval", "info", "export hf", "import hf", "distill",
+            "teacher-cache"} <= set(commands)
     for cmd in commands:
         r = subprocess.run([sys.executable, "-m", "slmkit.cli", *cmd.split(), "--help"], capture_output=True,
                            text=True, timeout=120)
