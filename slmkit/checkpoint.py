@@ -231,13 +231,33 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     state = load_state(path)
     with torch.device("meta"):
         model = CausalLM(config)
-    check_state_matches(model, state, path / WEIGHTS)
-    model.load_state_dict(state, strict=False, assign=True)
+    if prov.get("passes"):
+        # Compressed: give the fresh model the module types and shapes the recorded passes produced.
+        from .compress.run import replay_passes
+
+        model = replay_passes(model, prov["passes"])
+        _load_compressed(model, state, path / WEIGHTS)
+    else:
+        check_state_matches(model, state, path / WEIGHTS)
+        model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary_emb.inv_freq = _rope_buffer(config)
     model.to(device=device, dtype=dtype)
     model.eval()
     return Checkpoint(model=model, path=path, provenance=prov)
+
+
+def _load_compressed(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Compressed modules translate their on-disk tensors in load hooks, so shapes are checked by loading."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: weights do not match the recorded compression passes: {e}") from None
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the recorded compression passes: missing "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 def _rope_buffer(config: ModelConfig) -> torch.Tensor:
