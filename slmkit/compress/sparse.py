@@ -58,6 +58,15 @@ class SparseLinear(nn.Linear):
         new.bias = linear.bias
         return new
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Training a pruned model (e.g. KD recovery) must keep its zeros: mask the weight's gradient. With a
+        # zero gradient AdamW's moments stay zero and decoupled weight decay keeps zeros at zero.
+        w = self.weight
+        if w.requires_grad and torch.is_grad_enabled() and getattr(self, "_masked_param", None) != id(w):
+            w.register_hook(lambda g, w=w: g.masked_fill(w.detach() == 0, 0))
+            self._masked_param = id(w)
+        return super().forward(x)
+
     def logical_parameters(self) -> tuple[int, int]:
         """(total, nonzero) as if the weight were a plain dense parameter."""
         bias = self.bias.numel() if self.bias is not None else 0

@@ -282,3 +282,19 @@ def test_errors_leave_weights_unchanged(name, calib):
     if name != "prune.magnitude":
         with pytest.raises(PassError, match="calibration"):
             get_pass(name).apply(tiny_model(), make_config(name, {}), None)
+
+
+def test_training_a_pruned_model_keeps_its_zeros():
+    from slmkit.compress.sparse import SparseLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight[:, ::2] = 0
+    sparse = SparseLinear.from_linear(lin)
+    opt = torch.optim.AdamW(sparse.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        sparse(torch.randn(4, 16)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.count_nonzero(sparse.weight[:, ::2]) == 0 and torch.count_nonzero(sparse.weight[:, 1::2]) > 0
