@@ -148,6 +148,12 @@ def save_checkpoint(model: CausalLM, out: str | Path, *, tokenizer_from: str | P
     return out
 
 
+def inherited_provenance(prov: dict) -> dict:
+    """What a checkpoint made from another one keeps of its provenance: the stages that made it and the
+    compression passes its modules need to load."""
+    return {"stages": list(prov.get("stages", [])), "passes": list(prov.get("passes", []))}
+
+
 def model_card(model: CausalLM, prov: dict, notes: str = "") -> str:
     c = model.config
     metrics = {}

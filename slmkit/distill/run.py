@@ -54,7 +54,7 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
     teacher = load_checkpoint(teacher_path) if needs_weights else None
     t_config = ModelConfig.load(teacher_path / "config.json")
     torch.manual_seed(train_cfg.seed)
-    student, init = build_student(student_spec, teacher, ds, seq_len=train_cfg.seq_len)
+    student, init, prior = build_student(student_spec, teacher, ds, seq_len=train_cfg.seq_len)
     if student.config.vocab_size != t_config.vocab_size:
         raise KDError(f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
                       f"{t_config.vocab_size}: logit KD needs a shared vocabulary; "
@@ -84,7 +84,8 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
              "train": train_cfg.to_dict(), "cache": str(Path(cache).resolve()) if cache else None,
              "data": {"path": str(Path(data).resolve()), "tokenizer_sha256": ds.meta.get("tokenizer_sha256")}}
     trainer = Trainer(student, step, batches, train_cfg, out, evaluate=lm_evaluator(ds, train_cfg, device),
-                      tokenizer_from=ds.path, provenance={"stages": [stage]}, on_step_end=on_step_end,
+                      tokenizer_from=ds.path, provenance={**prior, "stages": [*prior["stages"], stage]},
+                      on_step_end=on_step_end,
                       quiet=quiet, extra_modules=step.hidden)
     result = trainer.fit(resume=resume)
     if trainer.dist.is_main:
@@ -98,5 +99,6 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
                               "temperature": kd_cfg.temperature, "alpha": kd_cfg.alpha,
                               "tokens": result.tokens, "cached": cache is not None,
                               "on_policy": kd_cfg.on_policy})
-        save_checkpoint(trainer.model, out, tokenizer_from=ds.path, provenance={"stages": [stage]})
+        save_checkpoint(trainer.model, out, tokenizer_from=ds.path,
+                        provenance={**prior, "stages": [*prior["stages"], stage]})
     return result

@@ -81,13 +81,14 @@ def distill_sequence(teacher_path: str | Path, student_spec: str | Path, data: s
         build_dataset([str(corpus)], seq_data, tokenizer=ds.path, val_fraction=0.0, progress=not quiet)
     seq_ds = open_dataset(seq_data)
     torch.manual_seed(train_cfg.seed)
-    student, _ = model_for_dataset(student_spec, ds, seq_len=train_cfg.seq_len)
+    student, prior = model_for_dataset(student_spec, ds, seq_len=train_cfg.seq_len)
     device = resolve_device(train_cfg.device)
     stage = {"stage": "distill", "mode": "sequence", "teacher": teacher_identity(teacher_path), "generation": gen,
              "train": train_cfg.to_dict(), "data": {"path": str(Path(data).resolve())}}
     batches = LMBatches(seq_ds.split("train"), train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed)
     trainer = Trainer(student, lm_step, batches, train_cfg, out, evaluate=lm_evaluator(ds, train_cfg, device),
-                      tokenizer_from=ds.path, provenance={"stages": [stage]}, quiet=quiet)
+                      tokenizer_from=ds.path, provenance={**prior, "stages": [*prior["stages"], stage]},
+                      quiet=quiet)
     result = trainer.fit(resume=resume)
     if trainer.dist.is_main:
         last_eval = result.evals[-1] if result.evals else {}
@@ -96,5 +97,6 @@ def distill_sequence(teacher_path: str | Path, student_spec: str | Path, data: s
                               and k in ("val_loss", "val_bits_per_byte", "val_perplexity", "val_accuracy")},
                      summary={"teacher": Path(teacher_path).name, "mode": "sequence", "prompts": prompts,
                               "tokens": result.tokens})
-        save_checkpoint(trainer.model, out, tokenizer_from=ds.path, provenance={"stages": [stage]})
+        save_checkpoint(trainer.model, out, tokenizer_from=ds.path,
+                        provenance={**prior, "stages": [*prior["stages"], stage]})
     return result

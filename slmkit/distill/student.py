@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, inherited_provenance, load_checkpoint
 from ..model import CausalLM, resolve_model_config
 from .kd_losses import KDError
 
@@ -47,22 +47,24 @@ def student_from_teacher_layers(teacher: CausalLM, layers: list[int]) -> CausalL
     return student
 
 
-def build_student(spec: str | Path, teacher: Checkpoint | None, ds, *, seq_len: int) -> tuple[CausalLM, dict]:
+def build_student(spec: str | Path, teacher: Checkpoint | None, ds, *, seq_len: int) -> tuple[CausalLM, dict, dict]:
     """Resolve `--student`: `teacher:N` (keep N evenly spaced teacher layers), `teacher:0,3,5` (those layers),
     a checkpoint directory, or a preset / config file (fresh weights at the dataset's vocabulary).
-    Returns the model and a provenance record of how it was made."""
+    Returns the model, a record of how it was made, and the provenance it inherits (stages and compression
+    passes of a checkpoint student, so a pruned or quantized student still loads after distillation)."""
     spec_str = str(spec)
     m = TEACHER_SPEC.match(spec_str)
     if m:
         parts = [int(x) for x in m.group("layers").split(",") if x]
         n = teacher.config.num_hidden_layers
         layers = evenly_spaced_layers(n, parts[0]) if len(parts) == 1 else parts
-        return student_from_teacher_layers(teacher.model, layers), {"init": "teacher_layers", "layers": layers}
+        return (student_from_teacher_layers(teacher.model, layers), {"init": "teacher_layers", "layers": layers},
+                inherited_provenance({**teacher.provenance, "passes": []}))
     path = Path(spec_str)
     if path.is_dir() and (path / "model.safetensors").exists():
         ck = load_checkpoint(path)
-        return ck.model, {"init": "checkpoint", "path": str(path.resolve())}
+        return ck.model, {"init": "checkpoint", "path": str(path.resolve())}, inherited_provenance(ck.provenance)
     config = resolve_model_config(spec, vocab_size=ds.vocab_size, bos_token_id=ds.bos_token_id,
                                   eos_token_id=ds.eos_token_id, pad_token_id=ds.pad_token_id,
                                   max_position_embeddings=max(2048, seq_len))
-    return CausalLM(config), {"init": "scratch", "model": spec_str}
+    return CausalLM(config), {"init": "scratch", "model": spec_str}, inherited_provenance({})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import inherited_provenance, load_checkpoint, save_checkpoint
 from ..evaluate.lm import evaluate_lm
 from ..model import CausalLM, ModelConfig, resolve_model_config
 from .batches import LMBatches
@@ -16,9 +16,10 @@ from .loop import Trainer, TrainResult, autocast_dtype, resolve_device
 from .steps import lm_step
 
 
-def model_for_dataset(spec: str | Path, ds, *, seq_len: int) -> tuple[CausalLM, ModelConfig]:
+def model_for_dataset(spec: str | Path, ds, *, seq_len: int) -> tuple[CausalLM, dict]:
     """A fresh model for `spec` (preset, config file) sized to the dataset's tokenizer, or the weights of
-    an existing checkpoint directory (continued pretraining)."""
+    an existing checkpoint directory (continued pretraining). Also returns the provenance the new checkpoint
+    inherits (a checkpoint's stages and compression passes)."""
     spec_path = Path(str(spec))
     if spec_path.is_dir() and (spec_path / "model.safetensors").exists():
         ck = load_checkpoint(spec_path)
@@ -26,7 +27,7 @@ def model_for_dataset(spec: str | Path, ds, *, seq_len: int) -> tuple[CausalLM, 
             raise ValueError(f"{spec_path}: vocabulary {ck.config.vocab_size} is smaller than the dataset's "
                              f"tokenizer ({ds.vocab_size}); build the dataset with --tokenizer {spec_path}")
         ck.model.train()
-        return ck.model, ck.config
+        return ck.model, inherited_provenance(ck.provenance)
     config = resolve_model_config(spec, vocab_size=ds.vocab_size, bos_token_id=ds.bos_token_id,
                                   eos_token_id=ds.eos_token_id, pad_token_id=ds.pad_token_id,
                                   max_position_embeddings=max(2048, seq_len))
@@ -36,7 +37,7 @@ def model_for_dataset(spec: str | Path, ds, *, seq_len: int) -> tuple[CausalLM, 
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
-    return CausalLM(config), config
+    return CausalLM(config), inherited_provenance({})
 
 
 def lm_evaluator(ds, cfg: TrainConfig, device: torch.device):
@@ -59,14 +60,15 @@ def pretrain(data: str | Path, model_spec: str | Path, out: str | Path, cfg: Tra
 
     ds = open_dataset(data)
     torch.manual_seed(cfg.seed)
-    model, config = model_for_dataset(model_spec, ds, seq_len=cfg.seq_len)
+    model, prior = model_for_dataset(model_spec, ds, seq_len=cfg.seq_len)
     batches = LMBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed)
     device = resolve_device(cfg.device)
     stage = {"stage": "train", "model": str(model_spec), "config": cfg.to_dict(),
              "data": {"path": str(Path(data).resolve()), "tokenizer_sha256": ds.meta.get("tokenizer_sha256"),
                       "train_tokens": len(ds.split("train"))}}
     trainer = Trainer(model, lm_step, batches, cfg, out, evaluate=lm_evaluator(ds, cfg, device),
-                      tokenizer_from=ds.path, provenance={"stages": [stage]}, on_step_end=on_step_end,
+                      tokenizer_from=ds.path, provenance={**prior, "stages": [*prior["stages"], stage]},
+                      on_step_end=on_step_end,
                       quiet=quiet)
     result = trainer.fit(resume=resume)
     if trainer.dist.is_main:
@@ -77,5 +79,6 @@ def pretrain(data: str | Path, model_spec: str | Path, out: str | Path, cfg: Tra
                      metrics=metrics, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      summary={"preset": str(model_spec), "steps": result.steps, "tokens": result.tokens,
                               "seq_len": cfg.seq_len, "batch_size": cfg.batch_size})
-        save_checkpoint(trainer.model, out, tokenizer_from=ds.path, provenance={"stages": [stage]})
+        save_checkpoint(trainer.model, out, tokenizer_from=ds.path,
+                        provenance={**prior, "stages": [*prior["stages"], stage]})
     return result

@@ -46,7 +46,7 @@ def test_online_distillation_trains_and_records_provenance(teacher, student_yaml
     out = tmp_path / "s"
     res = distill(teacher, student_yaml, tiny_dataset, out, cfg(), KDConfig(loss=loss, temperature=2.0), quiet=True)
     assert res.steps == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
-    stage = load_checkpoint(out).provenance["stages"][0]
+    stage = load_checkpoint(out).provenance["stages"][-1]
     assert stage["stage"] == "distill" and stage["kd"]["loss"] == loss and stage["kd"]["temperature"] == 2.0
     assert len(stage["teacher"]["weights_sha256"]) == 64 and stage["tokens_seen"] == res.tokens
     assert "teacher_sha256" in (out / "README.md").read_text()
@@ -67,7 +67,7 @@ def test_cached_distillation_matches_its_inputs_and_refuses_others(teacher, stud
     cache = build_teacher_cache(teacher, tiny_dataset, tmp_path / "cache", k=8, seq_len=32, progress=False)
     out = tmp_path / "s"
     res = distill(teacher, student_yaml, tiny_dataset, out, cfg(), KDConfig(alpha=0.8), cache=cache, quiet=True)
-    assert res.steps == 6 and load_checkpoint(out).provenance["stages"][0]["cache"] == str(cache.resolve())
+    assert res.steps == 6 and load_checkpoint(out).provenance["stages"][-1]["cache"] == str(cache.resolve())
     with pytest.raises(TeacherCacheError, match="temperature"):
         distill(teacher, student_yaml, tiny_dataset, tmp_path / "x", cfg(), KDConfig(temperature=2.0), cache=cache,
                 quiet=True)
@@ -135,4 +135,20 @@ def test_sequence_level_distillation_across_tokenizers(teacher, student_yaml, tm
                            new_tokens=12, quiet=True)
     lines = (out / "teacher_corpus.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(ln)["text"] for ln in lines)
-    assert res.steps == 4 and load_checkpoint(out).provenance["stages"][0]["mode"] == "sequence"
+    assert res.steps == 4 and load_checkpoint(out).provenance["stages"][-1]["mode"] == "sequence"
+
+
+def test_distilling_into_a_pruned_student_keeps_it_sparse_and_loadable(teacher, tiny_dataset, tmp_path):
+    """Prune, then distill (KD recovery): the student's zeros stay, and its passes travel with it."""
+    from slmkit.compress.base import count_parameters
+    from slmkit.compress.run import compress, parse_pass
+
+    pruned = tmp_path / "pruned"
+    compress(teacher, pruned, [parse_pass("prune.magnitude:sparsity=0.5")], speed=False)
+    before = count_parameters(load_checkpoint(pruned).model)
+    out = tmp_path / "recovered"
+    distill(teacher, pruned, tiny_dataset, out, cfg(steps=3, save_every=0), KDConfig(), quiet=True)
+    ck = load_checkpoint(out)
+    assert [p["name"] for p in ck.provenance["passes"]] == ["prune.magnitude"]
+    assert [s["stage"] for s in ck.provenance["stages"]] == ["train", "compress", "distill"]
+    assert count_parameters(ck.model) == before

@@ -1,0 +1,92 @@
+"""The compression driver: passes compose, each is measured, the result loads compressed, bad plans fail early."""
+
+import json
+
+import pytest
+import torch
+
+from slmkit.checkpoint import load_checkpoint
+from slmkit.compress.base import PASSES, PassError, _load_builtin_passes
+from slmkit.compress.run import compress, load_plan, parse_pass
+from slmkit.train import TrainConfig
+from slmkit.train.pretrain import pretrain
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tiny_model_yaml, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "m"
+    pretrain(tiny_dataset, tiny_model_yaml, out, TrainConfig(steps=20, batch_size=4, seq_len=32, eval_every=0,
+                                                             save_every=0, precision="fp32"), quiet=True)
+    return out
+
+
+def test_builtin_passes_are_registered():
+    _load_builtin_passes()
+    expected = {"prune.magnitude", "prune.wanda", "prune.sparsegpt", "prune.width", "prune.depth", "lowrank.svd",
+                "lowrank.asvd", "quant.int8", "quant.int4", "quant.gptq"}
+    assert expected <= set(PASSES)
+
+
+def test_parse_pass_and_plan(tmp_path):
+    spec = parse_pass("prune.wanda:sparsity=0.5,targets=gate_proj+up_proj")
+    assert spec.name == "prune.wanda" and spec.options == {"sparsity": "0.5", "targets": "gate_proj+up_proj"}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("passes:\n  - pass: prune.magnitude\n    sparsity: 0.5\n  - quant.int8\n")
+    assert [s.name for s in load_plan(plan)] == ["prune.magnitude", "quant.int8"]
+    with pytest.raises(PassError, match="key=value"):
+        parse_pass("prune.wanda:0.5")
+
+
+def test_passes_compose_and_the_checkpoint_loads_compressed(trained, tiny_dataset, tmp_path):
+    specs = [parse_pass("prune.wanda:sparsity=0.5"), parse_pass("lowrank.asvd:ratio=0.9,targets=down_proj"),
+             parse_pass("quant.int8")]
+    rows = compress(trained, tmp_path / "c", specs, data=tiny_dataset, calib_samples=8, calib_seq_len=32,
+                    eval_tokens=2048, speed=False)
+    assert [r["pass"] for r in rows] == ["(input)", "prune.wanda", "lowrank.asvd", "quant.int8"]
+    assert rows[1]["nonzero"] < rows[0]["nonzero"] and rows[-1]["bytes"] < rows[0]["bytes"]
+    assert all(0 < r["bits_per_byte"] < 10 for r in rows)
+    ck = load_checkpoint(tmp_path / "c")
+    assert [p["name"] for p in ck.provenance["passes"]] == ["prune.wanda", "lowrank.asvd", "quant.int8"]
+    assert ck.provenance["stages"][-1]["stage"] == "compress"
+    on_disk = (tmp_path / "c" / "model.safetensors").stat().st_size
+    assert abs(on_disk - rows[-1]["bytes"]) < 64 * 1024  # reported bytes are the real tensors (+ header)
+    x = torch.randint(0, ck.config.vocab_size, (2, 16))
+    again = load_checkpoint(tmp_path / "c")
+    assert torch.equal(ck.model(x), again.model(x))
+
+
+def test_structured_pruning_output_is_smaller_and_distillable(trained, tiny_dataset, tmp_path):
+    rows = compress(trained, tmp_path / "w", [parse_pass("prune.width:mlp_ratio=0.5")], data=tiny_dataset,
+                    calib_samples=8, calib_seq_len=32, eval_tokens=2048, speed=False)
+    assert rows[1]["parameters"] < rows[0]["parameters"]
+    ck = load_checkpoint(tmp_path / "w")
+    assert ck.config.intermediate_size == 32
+
+
+@pytest.mark.parametrize("plan,match", [
+    (["prune.nope"], "unknown pass"),
+    (["prune.magnitude:sparsity=1.5"], "sparsity"),
+    (["prune.magnitude:speed=3"], "unknown option"),
+    (["quant.int4:group_size=48"], "group_size"),
+    (["quant.int8", "prune.magnitude:sparsity=0.5"], "quantiz"),
+])
+def test_bad_plans_fail_before_writing_anything(trained, tiny_dataset, tmp_path, plan, match):
+    with pytest.raises(PassError, match=match):
+        compress(trained, tmp_path / "c", [parse_pass(p) for p in plan], data=tiny_dataset, calib_samples=4,
+                 calib_seq_len=32, eval_tokens=512, speed=False)
+    assert not (tmp_path / "c" / "model.safetensors").exists()
+
+
+def test_calibration_needs_data_and_the_same_tokenizer(trained, tmp_path):
+    with pytest.raises(PassError, match="needs calibration data"):
+        compress(trained, tmp_path / "c", [parse_pass("prune.wanda:sparsity=0.5")], speed=False)
+    from slmkit.data import build_dataset
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"other words number {i} " * 300)
+    other = tmp_path / "other"
+    build_dataset([str(corpus)], other, vocab_size=280, val_fraction=0.3, progress=False)
+    with pytest.raises(PassError, match="another tokenizer"):
+        compress(trained, tmp_path / "c", [parse_pass("prune.wanda:sparsity=0.5")], data=other, speed=False)

@@ -1,0 +1,339 @@
+"""Quantization passes (quant.int8, quant.int4, quant.gptq) and the quantized Linear modules."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slmkit.checkpoint import state_dict_for_save
+from slmkit.compress.base import (Calibration, PassError, config_to_dict, count_parameters, get_pass, make_config,
+                                  state_bytes)
+from slmkit.compress.qlinear import Int4Linear, Int8Linear, pack_int4, unpack_int4
+from slmkit.compress.quantize import gptq_quantize, rtn_quantize
+from slmkit.model import CausalLM, ModelConfig
+from slmkit.model.rope import rope_inverse_frequencies
+
+torch.set_num_threads(1)
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+# (pass, options, max relative logit error vs the float model)
+PASSES = [
+    ("quant.int8", {}, 0.01),
+    ("quant.int4", {"group_size": 32}, 0.08),
+    ("quant.gptq", {"bits": 4, "group_size": 32}, 0.08),
+    ("quant.gptq", {"bits": 4, "group_size": 32, "act_order": True}, 0.08),
+    ("quant.gptq", {"bits": 8}, 0.01),
+]
+IDS = ["int8", "int4-g32", "gptq4-g32", "gptq4-g32-act", "gptq8"]
+
+
+def tiny_model(seed: int = 0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    return CausalLM(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def calib() -> Calibration:
+    return Calibration(torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(1)))
+
+
+def run_pass(model, name, options, calib):
+    cfg = make_config(name, options)
+    return (*get_pass(name).apply(model, cfg, calib), cfg)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def reload(model: CausalLM, passes: list[tuple[str, object, dict]], tmp_path) -> CausalLM:
+    """Save as safetensors, rebuild on meta, replay the passes from (name, config, JSON report), load."""
+    f = tmp_path / "model.safetensors"
+    save_file(state_dict_for_save(model), str(f))
+    state = load_file(str(f))
+    with torch.device("meta"):
+        fresh = CausalLM(model.config)
+    for name, cfg, report in passes:
+        cfg = make_config(name, json.loads(json.dumps(config_to_dict(cfg))))
+        fresh = get_pass(name).restructure(fresh, cfg, json.loads(json.dumps(report)))
+    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
+    fresh.tie_weights()
+    fresh.model.rotary_emb.inv_freq = rope_inverse_frequencies(fresh.config)
+    return fresh.eval()
+
+
+# -- the contract ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,options,tol", PASSES, ids=IDS)
+def test_pass_contract(name, options, tol, calib, tmp_path):
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(x)
+    total_before, _ = count_parameters(model)
+    model, report, cfg = run_pass(model, name, options, calib)
+    quantized = (Int8Linear if cfg.bits == 8 else Int4Linear)
+    assert len(report["modules"]) == 14 and all(isinstance(model.get_submodule(n), quantized)
+                                                  for n in report["modules"])
+    json.dumps(report)  # JSON-serialisable
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == ref.shape
+    assert relative_error(out, ref) < tol
+    # size accounting is the real state dict; logical parameter count unchanged
+    assert state_bytes(model) == sum(t.numel() * t.element_size() for t in state_dict_for_save(model).values())
+    assert count_parameters(model)[0] == total_before
+    assert report["target_bytes_after"] < report["target_bytes_before"] / 3
+    # save -> meta build + restructure + load -> identical outputs (dequantize path and CPU kernel path)
+    loaded = reload(model, [(name, cfg, report)], tmp_path)
+    step = x[:1, :1]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+        assert torch.equal(loaded(step), model(step))
+    assert count_parameters(loaded) == count_parameters(model)
+
+
+@pytest.mark.parametrize("name,options,field", [
+    ("quant.int8", {"bits": 4}, "bits"),
+    ("quant.int4", {"bits": 3}, "bits"),
+    ("quant.gptq", {"bits": 3}, "bits"),
+    ("quant.int4", {"group_size": 48}, "group_size"),
+    ("quant.gptq", {"damp": 0.0}, "damp"),
+    ("quant.gptq", {"group_size": 128, "block_size": 64}, "block_size"),
+    ("quant.int4", {"targets": ("q_proj", "embed_tokens")}, "targets"),
+])
+def test_invalid_config_names_pass_and_field(name, options, field):
+    with pytest.raises(PassError, match=rf"{name}: .*{field}"):
+        make_config(name, options)
+
+
+@pytest.mark.parametrize("name,options", [(n, o) for n, o, _ in PASSES], ids=IDS)
+def test_model_errors_raise_before_any_change(name, options, calib):
+    # tied lm_head
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PassError, match=rf"{name}: targets .*lm_head.*tied"):
+        run_pass(model, name, {**options, "targets": ("q_proj", "lm_head")}, calib)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # group_size not dividing in_features (down_proj has in_features=96), named with the module
+    if options.get("bits", 8 if name == "quant.int8" else 4) == 4:
+        model = tiny_model(intermediate_size=96)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(PassError, match=rf"{name}: group_size=64 .*model\.layers\.0\.mlp\.down_proj"):
+            run_pass(model, name, {**options, "group_size": 64}, calib)
+        assert all(type(m) is not Int4Linear for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # double quantization
+    model = tiny_model()
+    model, _, _ = run_pass(model, name, options, calib)
+    with pytest.raises(PassError, match=rf"{name}: .*already quantized by {name}"):
+        run_pass(model, name, options, calib)
+    with pytest.raises(PassError, match="already quantized by"):
+        run_pass(model, "quant.int8", {}, calib)
+
+
+def test_gptq_needs_calibration():
+    with pytest.raises(PassError, match="quant.gptq: needs calibration"):
+        get_pass("quant.gptq").apply(tiny_model(), make_config("quant.gptq", {}), None)
+
+
+@pytest.mark.parametrize("name,options", [("quant.int4", {"group_size": 32}), ("quant.gptq", {"group_size": 32})])
+def test_untied_lm_head_is_quantized_and_reloads(name, options, calib, tmp_path):
+    model = tiny_model(tie_word_embeddings=False)
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(x)
+    model, report, cfg = run_pass(model, name, {**options, "targets": ("down_proj", "lm_head")}, calib)
+    assert report["modules"][-1] == "lm_head" and isinstance(model.lm_head, Int4Linear)
+    with torch.no_grad():
+        out = model(x)
+    assert relative_error(out, ref) < 0.08
+    assert torch.equal(reload(model, [(name, cfg, report)], tmp_path)(x), out)
+
+
+def test_quantize_after_pruning_keeps_zeros(calib, tmp_path):
+    model = tiny_model()
+    model, prune_report = get_pass("prune.magnitude").apply(model, make_config("prune.magnitude", {"sparsity": 0.5}))
+    model, report, cfg = run_pass(model, "quant.int4", {"group_size": 32}, calib)
+    total, nonzero = count_parameters(model)
+    q = model.model.layers[0].mlp.up_proj
+    assert torch.count_nonzero(q.dequantize()) <= q.in_features * q.out_features // 2
+    assert nonzero < 0.6 * total
+    prune_cfg = make_config("prune.magnitude", {"sparsity": 0.5})
+    loaded = reload(model, [("prune.magnitude", prune_cfg, prune_report), ("quant.int4", cfg, report)], tmp_path)
+    x = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+# -- modules and kernels ------------------------------------------------------------------------------------
+
+def random_linear(in_f: int, out_f: int, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    nn.init.normal_(lin.weight, 0, 0.02)
+    if bias:
+        nn.init.normal_(lin.bias, 0, 0.02)
+    return lin
+
+
+def test_int4_pack_roundtrip():
+    q = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 6) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)  # documented nibble order
+
+
+@pytest.mark.parametrize("make", [
+    lambda lin: Int8Linear.from_linear(lin),
+    lambda lin: Int4Linear.from_linear(lin, 32),
+    lambda lin: Int4Linear.from_linear(lin, 128),
+], ids=["int8", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_kernel_matches_dequantized_reference(make, bias):
+    q = make(random_linear(256, 96, bias))
+    x = torch.randn(2, 3, 256)  # 6 rows: the kernel path
+    ref = nn.functional.linear(x, q.dequantize(), q.bias)
+    scale = ref.abs().max()
+    q.kernel_dtype = torch.float32  # the kernel's exact fp32 path
+    with torch.no_grad():
+        y = q(x)
+    assert q._kernel_cache is not None and q._kernel_ok  # the kernel really ran
+    assert torch.allclose(y, ref, atol=1e-4 * scale, rtol=0)
+    q.kernel_dtype = torch.bfloat16  # the fast default for fp32 activations
+    with torch.no_grad():
+        y = q(x)
+    assert y.dtype == torch.float32 and relative_error(y, ref) < 1e-2
+    with torch.no_grad():  # bf16 activations go straight in
+        yb = q.to(torch.bfloat16)(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and relative_error(yb.float(), ref) < 2e-2
+    # many rows take the exact dequantize-then-matmul path
+    xl = torch.randn(64, 256)
+    with torch.no_grad():
+        assert torch.allclose(q.float()(xl), nn.functional.linear(xl, q.dequantize(), q.bias), atol=1e-6)
+
+
+def test_kernel_fallback_for_unsupported_shape():
+    q = Int4Linear.from_linear(random_linear(64, 40), 32)  # out=40: the int4 kernel needs a multiple of 16
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        y = q(x)
+    assert not q._kernel_ok
+    assert torch.allclose(y, x @ q.dequantize().t(), atol=1e-6)
+
+
+def test_kernel_cache_follows_state_dict_loads():
+    a = Int4Linear.from_linear(random_linear(64, 32, seed=0), 32)
+    b = Int4Linear.from_linear(random_linear(64, 32, seed=1), 32)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        a(x)  # fills a's kernel cache
+        a.load_state_dict(b.state_dict())  # in-place copy
+        assert torch.equal(a(x), b(x))
+
+
+def test_meta_construction_and_state_dict_layout():
+    with torch.device("meta"):
+        q8, q4 = Int8Linear(256, 96, bias=True), Int4Linear(256, 96, group_size=64)
+    assert q8.logical_parameters() == (256 * 96 + 96,) * 2
+    assert {k: (tuple(v.shape), v.dtype) for k, v in q4.state_dict().items()} == {
+        "weight_int4": ((96, 128), torch.uint8), "scales": ((96, 4), torch.float32),
+        "zeros": ((96, 4), torch.uint8)}
+    assert {k: v.dtype for k, v in q8.state_dict().items()} == {
+        "bias": torch.float32, "weight_int8": torch.int8, "scales": torch.float32}
+
+
+def test_rtn_output_error():
+    lin = random_linear(256, 128)
+    x = torch.randn(64, 256)
+    ref = lin(x).detach()
+    with torch.no_grad():
+        e8 = relative_error(Int8Linear.from_linear(lin)(x), ref)
+        e4 = relative_error(Int4Linear.from_linear(lin, 32)(x), ref)
+        e4_128 = relative_error(Int4Linear.from_linear(lin, 128)(x), ref)
+    assert e8 < 0.01
+    assert e4 < 0.1
+    assert e4 < e4_128  # smaller groups, smaller error
+
+
+def test_state_bytes_ratios(calib):
+    model = tiny_model()
+    proj = [n for n, m in model.named_modules() if n.endswith("_proj")]
+
+    def proj_bytes(m):
+        sd = state_dict_for_save(m)
+        return sum(t.numel() * t.element_size() for k, t in sd.items() if k.rsplit(".", 1)[0] in proj)
+
+    fp32 = proj_bytes(model)
+    int8 = proj_bytes(run_pass(tiny_model(), "quant.int8", {}, calib)[0])
+    int4 = proj_bytes(run_pass(tiny_model(), "quant.int4", {"group_size": 32}, calib)[0])
+    weights = fp32 // 4
+    assert int8 == weights + 4 * sum(model.get_submodule(n).out_features for n in proj)  # + one fp32 scale per row
+    assert 0.25 <= int8 / fp32 < 0.27
+    # 0.5 byte per weight + one fp32 scale and one uint8 zero per 32 weights: 1/8 + 5/128
+    assert int4 == weights // 2 + weights * 5 // 32
+    assert 0.125 <= int4 / fp32 < 0.17
+
+
+# -- GPTQ ----------------------------------------------------------------------------------------------------
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Inputs driven by a few latent factors plus small noise, with a few loud features: X (n, d)."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g)
+    x = latent + 0.1 * torch.randn(n, d, generator=g)
+    return x * torch.linspace(0.2, 3.0, d)[torch.randperm(d, generator=g)]
+
+
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    return float((X @ W.t() - X @ W_hat.t()).norm())  # ‖WXᵀ − ŴXᵀ‖
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, None)])
+def test_gptq_beats_rtn_on_correlated_inputs(act_order, bits, group_size):
+    W = random_linear(256, 64).weight.detach()
+    X = correlated_inputs(2048, 256)
+    H = 2 * X.t() @ X / X.shape[0]
+    gptq = gptq_quantize(W, H, bits=bits, group_size=group_size, act_order=act_order, block_size=128)
+    rtn = rtn_quantize(W, bits, group_size)
+    e_gptq = reconstruction_error(W, gptq.dequantize(), X)
+    e_rtn = reconstruction_error(W, rtn.dequantize(), X)
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+    assert gptq.codes.dtype == (torch.uint8 if bits == 4 else torch.int8)
+
+
+def test_gptq_identity_hessian_equals_rtn():
+    W = random_linear(128, 48).weight.detach()
+    H = torch.eye(128) * 2.0  # uncorrelated, equal-variance inputs
+    for bits, g in [(4, 32), (8, None)]:
+        for act_order in (False, True):
+            gptq = gptq_quantize(W, H, bits=bits, group_size=g, act_order=act_order, block_size=64)
+            rtn = rtn_quantize(W, bits, g)
+            assert torch.equal(gptq.codes, rtn.codes)
+            assert torch.equal(gptq.scales, rtn.scales)
+
+
+def test_gptq_dead_inputs_get_zero_weight():
+    W = random_linear(64, 16).weight.detach()
+    X = torch.randn(256, 64)
+    X[:, 5] = 0
+    q = gptq_quantize(W, X.t() @ X, bits=4, group_size=32, block_size=64)
+    assert torch.all(q.dequantize()[:, 5] == 0)
+
+
+def test_gptq_model_error_not_worse_than_rtn(calib):
+    x = calib.input_ids[:4]
+    ref = tiny_model()(x).detach()
+    rtn = run_pass(tiny_model(), "quant.int4", {"group_size": 32}, calib)[0]
+    gptq, report, _ = run_pass(tiny_model(), "quant.gptq", {"group_size": 32}, calib)
+    with torch.no_grad():
+        e_rtn, e_gptq = relative_error(rtn(x), ref), relative_error(gptq(x), ref)
+    assert e_gptq < e_rtn
+    assert all(r["loss"] >= 0 and r["calibration_rows"] == 8 * 32 for r in report["layers"].values())
