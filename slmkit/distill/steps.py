@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.steps import auxiliary_loss
 from .hidden import HiddenStateLoss
 from .kd_losses import (KDError, combine, dense_logprobs, kd_loss, softened_logprobs, topk_buckets,
                         validate_kd_config)
@@ -128,6 +129,10 @@ class KDStep:
         ce = F.nll_loss(ce_logp.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss = combine(kd, ce, alpha)
         metrics = {"kd": kd.detach(), "ce": ce.detach()}
+        aux = auxiliary_loss(model)
+        if aux is not None:  # e.g. MoE load balancing of the student
+            loss = loss + aux
+            metrics["aux_loss"] = aux.detach()
         if self.hidden is not None:
             h = self.hidden(s_hidden, t_hidden)
             loss = loss + self.cfg.hidden_weight * h

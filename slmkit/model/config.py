@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_TYPES = ("full", "linformer")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,17 @@ class ModelConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
     model_type: str = "llama"
+    # Sparse mixture of experts (Mixtral style, slmkit/model/moe.py): 0 experts = dense SwiGLU MLP.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer / Mixtral)
+    router_z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    # Attention variant: "full" (softmax over all past tokens) or "linformer" (slmkit/model/linformer.py).
+    attention_type: str = "full"
+    linformer_k: int = 64  # keys/values projected to this length per block (Linformer)
+    linformer_block: int = 128  # causal block size for the projections
+    # Transformer-XL segment memory (slmkit/model/xl_memory.py): cached positions from earlier segments.
+    memory_length: int = 0
     extra: dict = field(default_factory=dict)  # unknown HF fields, preserved on round trip
 
     def __post_init__(self) -> None:
@@ -82,6 +94,24 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type={self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if self.num_local_experts < 0 or (self.num_local_experts and not
+                                           1 <= self.num_experts_per_tok <= self.num_local_experts):
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                              f"num_local_experts={self.num_local_experts}")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ConfigError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ConfigError(f"attention_type={self.attention_type!r} is not supported; "
+                              f"supported: {', '.join(ATTENTION_TYPES)}")
+        if self.attention_type == "linformer":
+            if not 0 < self.linformer_k <= self.linformer_block:
+                raise ConfigError(f"linformer_k={self.linformer_k} must be in 1..linformer_block="
+                                  f"{self.linformer_block} (each block of keys is projected to k rows)")
+        if self.memory_length < 0:
+            raise ConfigError(f"memory_length={self.memory_length} must be >= 0")
+        if self.memory_length and self.attention_type != "full":
+            raise ConfigError(f"memory_length={self.memory_length} needs attention_type='full'; segment memory "
+                              f"cannot be used with {self.attention_type!r} attention")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):

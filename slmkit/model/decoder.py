@@ -28,10 +28,18 @@ from .rope import RotaryEmbedding
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
+    if config.attention_type == "linformer":
+        from .linformer import LinformerAttention
+
+        return LinformerAttention(config, layer_idx)
     return Attention(config, layer_idx)
 
 
 def build_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+    if config.num_local_experts > 0:
+        from .moe import SparseMoE
+
+        return SparseMoE(config)
     return SwiGLU(config)
 
 
@@ -119,6 +127,12 @@ class CausalLM(nn.Module):
             x = x[:, -1:]
         logits = self.lm_head(x)
         return (logits, hidden) if return_hidden_states else logits
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses modules recorded in the last forward (e.g. MoE load balancing), already
+        weighted by their coefficients; None when there are none. Training adds it to the task loss."""
+        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
