@@ -33,7 +33,8 @@ FORMAT = "slmkit.checkpoint/1"
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHECKPOINT_FILES = ("config.json", WEIGHTS, *TOKENIZER_FILES, "generation_config.json", "README.md")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 class CheckpointError(ValueError):

@@ -420,12 +420,18 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
                "parameters_without_embeddings": ck.model.num_parameters(exclude_embeddings=True),
                "bytes_on_disk": sum(files.values()), "files": files, "config": ck.config.to_dict(),
                "provenance": {k: v for k, v in ck.provenance.items() if k != "files"}}
+    if ck.config.num_local_experts:
+        from .model.moe import active_parameters, total_parameters
+
+        summary.update(total_parameters=total_parameters(ck.model), active_parameters=active_parameters(ck.model))
     if as_json:
         out_console.print_json(json.dumps(summary))
         return
     t = Table(title=str(ckpt), show_header=False)
-    t.add_row("parameters", f"{summary['parameters']:,} ({summary['parameters_without_embeddings']:,} "
-                            "without embeddings)")
+    params = f"{summary['parameters']:,}"
+    if "active_parameters" in summary:  # mixture of experts: a token runs through k of E experts
+        params = f"total {summary['total_parameters']:,}, active per token {summary['active_parameters']:,}"
+    t.add_row("parameters", f"{params} ({summary['parameters_without_embeddings']:,} without embeddings)")
     t.add_row("bytes on disk", f"{summary['bytes_on_disk']:,}")
     c = ck.config
     t.add_row("architecture", f"{c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
@@ -457,7 +463,7 @@ def export_hf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint direc
 
 
 @import_app.command("hf")
-def import_hf_cmd(hf_dir: Path = typer.Argument(..., help="Local Hugging Face Llama/Mistral/Qwen2 directory."),
+def import_hf_cmd(hf_dir: Path = typer.Argument(..., help="Local Hugging Face Llama/Mistral/Qwen2/Phi-3/Mixtral directory."),
                   out: Path = typer.Argument(..., help="slmkit checkpoint directory to write.")):
     """Read a local Hugging Face checkpoint (safetensors) into slmkit format.
 

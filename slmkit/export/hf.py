@@ -1,9 +1,19 @@
-"""Hugging Face format in and out, for the Llama, Mistral and Qwen2 families.
+"""Hugging Face format in and out, for the Llama, Mistral, Qwen2, Phi-3 and Mixtral families.
 
 `export_hf` writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained` load as they are; `import_hf` reads a local HF checkpoint (single
 `model.safetensors` or a sharded `model.safetensors.index.json`) into an slmkit checkpoint. Module names
-already match HF's, so weights move by name; the work is in the config:
+match HF's Llama, so Llama/Mistral/Qwen2 weights move by name. Two families store them differently:
+
+- Phi-3 (Abdin et al., 2024) fuses q/k/v into `self_attn.qkv_proj` (rows: q, then k, then v) and gate/up
+  into `mlp.gate_up_proj` (rows: gate, then up). Import splits them into slmkit's separate Linears, so
+  compression passes see the same projections as in any other family; export concatenates them back.
+- Mixtral (Jiang et al., 2024) checkpoints name the MoE block `block_sparse_moe` with experts `w1` (gate),
+  `w3` (up), `w2` (down) per expert — what `save_pretrained` writes, also in transformers 5, whose modules
+  hold the experts fused as 3-D `mlp.experts.gate_up_proj` (E, 2F, d) / `mlp.experts.down_proj` (E, d, F).
+  Import reads either layout; export writes the per-expert one, which every transformers version loads.
+
+The rest of the work is in the config:
 
 - transformers 5 keeps rotary settings in one `rope_parameters` dict, 4.x in top-level `rope_theta` and
   `rope_scaling`. Export writes both, with the same values, so either reads it (v5 lets a non-null
@@ -16,6 +26,13 @@ already match HF's, so weights move by name; the work is in the config:
   default a missing `original_max_position_embeddings` differently.
 - Missing fields on import take transformers' defaults for that model type (they differ from
   `ModelConfig`'s: e.g. HF leaves embeddings untied and uses rms_norm_eps 1e-6).
+- Phi-3's long-context variants use "longrope" (formerly "su") scaling and some configs a partial rotary
+  factor; slmkit's rotary embedding has neither, so those are refused with what is supported. Dropout rates
+  (`resid_pdrop`, `embd_pdrop`) do nothing at inference and are kept only to be written back.
+- Mixtral's `router_jitter_noise` only perturbs router inputs in training; slmkit does not apply it (a
+  warning says so when it is non-zero). slmkit's load-balancing loss is transformers' divided by
+  `num_experts_per_tok` (see `slmkit/model/moe.py`); `router_aux_loss_coef` is copied as it is. Mixtral was
+  not trained with a router z-loss, so an imported one gets `router_z_loss_coef=0`.
 
 Weights are read and written with safetensors only; a pickle (`pytorch_model.bin`) checkpoint is refused.
 """
@@ -24,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,10 +68,18 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None},
     "mistral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32,
-                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "sliding_window": 4096},
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "sliding_window": 4096,
+                "num_key_value_heads": 8},
     "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+    "phi3": {"tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+             "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000, "sliding_window": None},
+    "mixtral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32,
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "sliding_window": None,
+                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.001},
 }
+_DEFAULT_THETA = {"mixtral": 1e6}  # transformers' default rope_theta where it is not 10000
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
@@ -96,6 +122,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
         # In HF format the model runs under transformers; the Hub reads library_name from the front matter.
         atomic_write_text(out / "README.md", card.replace('library_name: "slmkit"', 'library_name: "transformers"', 1))
     _warn_sliding_window(config, f"{out}/config.json", exported=True)
+    if config.memory_length:
+        warnings.warn(f"{ckpt_dir}: memory_length={config.memory_length} (Transformer-XL segment memory) has no "
+                      f"Hugging Face equivalent; under transformers {out} attends within its input only",
+                      stacklevel=2)
     return out
 
 
@@ -115,10 +145,12 @@ def check_exportable(model: CausalLM, *, where: Path | str = "model") -> None:
         raise HFExportError(f"{where}: model_type 'qwen2' with {field} cannot be expressed in Hugging Face format: "
                             "Qwen2ForCausalLM has biases on q, k, v only. Use model_type='llama', whose "
                             "attention_bias/mlp_bias options cover it.")
-    if c.model_type == "mistral" and (c.attention_bias or c.qkv_bias or c.mlp_bias):
-        raise HFExportError(f"{where}: model_type 'mistral' with biases cannot be expressed in Hugging Face format: "
-                            "MistralForCausalLM has no biases. Use model_type='qwen2' (q/k/v biases) or "
+    if c.model_type in ("mistral", "phi3", "mixtral") and (c.attention_bias or c.qkv_bias or c.mlp_bias):
+        arch = ARCHITECTURES[c.model_type]
+        raise HFExportError(f"{where}: model_type {c.model_type!r} with biases cannot be expressed in Hugging Face "
+                            f"format: {arch} has no biases. Use model_type='qwen2' (q/k/v biases) or "
                             "'llama' (attention_bias, mlp_bias).")
+    _check_family_options(c, where)
     # A compression pass may have swapped projections for packed/quantized modules: those are not HF weights.
     swapped = [name for name, m in model.named_modules()
                if name.endswith("_proj") and type(m) is not torch.nn.Linear]
@@ -139,8 +171,28 @@ def check_exportable(model: CausalLM, *, where: Path | str = "model") -> None:
                             "cannot hold them")
 
 
+def _check_family_options(c: ModelConfig, where: Path | str) -> None:
+    """The architecture options (experts, attention variant, rope) the HF class of `c.model_type` can hold."""
+    if c.attention_type != "full":
+        raise HFExportError(f"{where}: attention_type={c.attention_type!r} has no Hugging Face architecture "
+                            "(its projections are not part of any transformers model); only full attention "
+                            "exports")
+    if c.num_local_experts and c.model_type != "mixtral":
+        raise HFExportError(f"{where}: a mixture-of-experts model (num_local_experts={c.num_local_experts}) "
+                            f"cannot be exported as model_type {c.model_type!r}; set model_type='mixtral' in "
+                            "config.json (MixtralForCausalLM is this architecture) and export again")
+    if c.model_type == "mixtral" and not c.num_local_experts:
+        raise HFExportError(f"{where}: model_type 'mixtral' needs num_local_experts > 0 (this model has a dense "
+                            "MLP); export it as model_type 'mistral' instead")
+    if c.model_type == "phi3" and c.rope_scaling:
+        kind = c.rope_scaling.get("rope_type", c.rope_scaling.get("type"))
+        raise HFExportError(f"{where}: Phi3ForCausalLM supports default or longrope rotary embeddings, not "
+                            f"{kind!r} scaling; export this model as model_type 'llama' instead")
+
+
 def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The state dict transformers expects: tied lm_head omitted, Qwen2 q/k/v biases always present."""
+    """The state dict transformers expects: tied lm_head omitted, Qwen2 q/k/v biases always present,
+    Phi-3 projections fused and Mixtral experts under their checkpoint names."""
     c = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
@@ -150,6 +202,10 @@ def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str
             for proj in ("q_proj", "k_proj", "v_proj"):
                 w = state[f"model.layers.{i}.self_attn.{proj}.weight"]
                 state[f"model.layers.{i}.self_attn.{proj}.bias"] = w.new_zeros(w.shape[0])
+    if c.model_type == "phi3":
+        state = fuse_phi3(state, c)
+    elif c.model_type == "mixtral":
+        state = mixtral_to_hf_names(state)
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
             for k, v in state.items()}
 
@@ -178,6 +234,17 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias, pretraining_tp=1)
     elif c.model_type == "mistral":
         d["sliding_window"] = c.sliding_window
+    elif c.model_type == "phi3":
+        d["rope_parameters"]["partial_rotary_factor"] = 1.0
+        d.update(sliding_window=c.sliding_window, resid_pdrop=c.extra.get("resid_pdrop", 0.0),
+                 embd_pdrop=c.extra.get("embd_pdrop", 0.0),
+                 original_max_position_embeddings=c.extra.get("original_max_position_embeddings",
+                                                              c.max_position_embeddings))
+    elif c.model_type == "mixtral":
+        d.update(sliding_window=c.sliding_window, num_local_experts=c.num_local_experts,
+                 num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef,
+                 router_jitter_noise=c.extra.get("router_jitter_noise", 0.0),
+                 output_router_logits=c.extra.get("output_router_logits", False))
     elif c.model_type == "qwen2":
         use_window = bool(c.extra.get("use_sliding_window", False)) and c.sliding_window is not None
         d.update(use_sliding_window=use_window, sliding_window=c.sliding_window if use_window else None,
@@ -221,10 +288,90 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
+# -- family weight layouts -----------------------------------------------------------------------
+
+def split_phi3(state: dict[str, torch.Tensor], c: ModelConfig, where: Path | str) -> dict[str, torch.Tensor]:
+    """Phi-3's fused `qkv_proj` / `gate_up_proj` split into slmkit's q/k/v and gate/up projections."""
+    q_rows, kv_rows, f = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    fused = {"self_attn.qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj"), (q_rows, kv_rows, kv_rows)),
+             "mlp.gate_up_proj": ("mlp", ("gate_proj", "up_proj"), (f, f))}
+    state = dict(state)
+    for i in range(c.num_hidden_layers):
+        for name, (parent, parts, rows) in fused.items():
+            key = f"model.layers.{i}.{name}.weight"
+            if key not in state:
+                raise HFExportError(f"{where}: missing tensor {key!r} (Phi-3 stores {name.split('.')[-1]} fused)")
+            w = state.pop(key)  # (sum(rows), d)
+            if w.shape[0] != sum(rows):
+                raise HFExportError(f"{where}: {key} has {w.shape[0]} rows, config.json implies {sum(rows)} "
+                                    f"({' + '.join(map(str, rows))} for {', '.join(parts)})")
+            for part, piece in zip(parts, torch.split(w, rows, dim=0)):
+                state[f"model.layers.{i}.{parent}.{part}.weight"] = piece.clone()  # own storage for safetensors
+    return state
+
+
+def fuse_phi3(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `split_phi3`: q/k/v rows stacked into `qkv_proj`, gate/up rows into `gate_up_proj`."""
+    state = dict(state)
+    for i in range(c.num_hidden_layers):
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        state[attn + "qkv_proj.weight"] = torch.cat([state.pop(f"{attn}{p}_proj.weight") for p in "qkv"])
+        state[mlp + "gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{p}_proj.weight") for p in ("gate", "up")])
+    return state
+
+
+# Mixtral checkpoint names per expert: w1 = gate, w3 = up, w2 = down.
+_MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_KEY = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(gate|experts\.(\d+)\.(w[123]))\.weight")
+_MIXTRAL_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_SLMKIT_MOE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|experts\.(\d+)\.(\w+_proj))\.weight")
+
+
+def mixtral_from_hf_names(state: dict[str, torch.Tensor], c: ModelConfig, where: Path | str) -> dict[str, torch.Tensor]:
+    """Mixtral expert and router tensors under slmkit's names (`mlp.gate`, `mlp.experts.E.{gate,up,down}_proj`),
+    from either the per-expert checkpoint layout or transformers 5's fused 3-D expert tensors."""
+    out: dict[str, torch.Tensor] = {}
+    E, F, d = c.num_local_experts, c.intermediate_size, c.hidden_size
+    for key, w in state.items():
+        if m := _MIXTRAL_KEY.fullmatch(key):
+            layer, what, expert, proj = m.groups()
+            name = "gate" if what == "gate" else f"experts.{expert}.{_MIXTRAL_EXPERT[proj]}"
+            out[f"model.layers.{layer}.mlp.{name}.weight"] = w
+        elif m := _MIXTRAL_FUSED.fullmatch(key):
+            layer, what = m.groups()
+            expected = (E, 2 * F, d) if what == "gate_up_proj" else (E, d, F)
+            if tuple(w.shape) != expected:
+                raise HFExportError(f"{where}: {key} has shape {tuple(w.shape)}, config.json implies {expected} "
+                                    "(num_local_experts, rows, columns)")
+            prefix = f"model.layers.{layer}.mlp.experts"
+            for e in range(E):
+                if what == "gate_up_proj":  # (2F, d): gate rows first, then up rows
+                    out[f"{prefix}.{e}.gate_proj.weight"] = w[e, :F].clone()
+                    out[f"{prefix}.{e}.up_proj.weight"] = w[e, F:].clone()
+                else:
+                    out[f"{prefix}.{e}.down_proj.weight"] = w[e].clone()
+        else:
+            out[key] = w
+    return out
+
+
+def mixtral_to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """slmkit's MoE names to the per-expert Mixtral checkpoint layout that `save_pretrained` writes."""
+    to_hf = {v: k for k, v in _MIXTRAL_EXPERT.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, w in state.items():
+        if m := _SLMKIT_MOE_KEY.fullmatch(key):
+            layer, what, expert, proj = m.groups()
+            name = "gate" if what == "gate" else f"experts.{expert}.{to_hf[proj]}"
+            key = f"model.layers.{layer}.block_sparse_moe.{name}.weight"
+        out[key] = w
+    return out
+
+
 # -- import --------------------------------------------------------------------------------------
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | str | None = None) -> Path:
-    """Read a local Hugging Face Llama/Mistral/Qwen2 directory into an slmkit checkpoint at `out_dir`.
+    """Read a local Hugging Face Llama/Mistral/Qwen2/Phi-3/Mixtral directory into an slmkit checkpoint at `out_dir`.
 
     Weights keep their stored dtype (bf16 stays bf16) unless `dtype` is given. Returns `out_dir`."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
@@ -236,6 +383,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | s
     raw = _read_json(config_path)
     config = model_config_from_hf(raw, source=str(config_path))
     state, weights_file = load_hf_state(hf_dir)
+    if config.model_type == "phi3":
+        state = split_phi3(state, config, weights_file)
+    elif config.model_type == "mixtral":
+        state = mixtral_from_hf_names(state, config, weights_file)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
 
@@ -269,6 +420,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | s
                       "SentencePiece tokenizer.model, convert it first: "
                       "AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes tokenizer.json", stacklevel=2)
     _warn_sliding_window(config, str(config_path), exported=False)
+    jitter = raw.get("router_jitter_noise") or 0.0
+    if config.model_type == "mixtral" and jitter:
+        warnings.warn(f"{config_path}: router_jitter_noise={jitter} only perturbs router inputs while training in "
+                      "transformers; slmkit does not apply it (inference is the same either way)", stacklevel=2)
     return out
 
 
@@ -287,13 +442,15 @@ def model_config_from_hf(raw: dict[str, Any], *, source: str = "config.json") ->
         raise HFExportError(f"{source}: missing required fields {missing}")
     d = {**_HF_DEFAULTS[model_type], **raw}
     d.pop("rope_parameters", None)
-    d["rope_theta"], d["rope_scaling"] = _rope_from_hf(raw, source)
+    d["rope_theta"], d["rope_scaling"] = _rope_from_hf(raw, source, default_theta=_DEFAULT_THETA.get(model_type, 1e4))
     if model_type == "qwen2":  # q/k/v biases are built into Qwen2; a window only applies when switched on
         d.update(qkv_bias=True, attention_bias=False, mlp_bias=False)
         if not raw.get("use_sliding_window", False):
             d["sliding_window"] = None
-    elif model_type == "mistral":
+    elif model_type in ("mistral", "phi3", "mixtral"):  # no biases anywhere in these architectures
         d.update(qkv_bias=False, attention_bias=False, mlp_bias=False)
+        if model_type == "mixtral":  # Mixtral's recipe has no router z-loss
+            d.setdefault("router_z_loss_coef", 0.0)
     else:
         d["qkv_bias"] = False
     if d.get("head_dim") is None:
@@ -304,17 +461,26 @@ def model_config_from_hf(raw: dict[str, Any], *, source: str = "config.json") ->
         raise HFExportError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
 
-def _rope_from_hf(raw: dict[str, Any], source: str) -> tuple[float, dict | None]:
+def _rope_from_hf(raw: dict[str, Any], source: str, default_theta: float = 1e4) -> tuple[float, dict | None]:
     # transformers 5 lets a non-null legacy `rope_scaling` win over `rope_parameters`; follow it.
     params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise HFExportError(f"{source}: rope parameters must be an object, got {params!r}")
     if any(isinstance(v, dict) for v in params.values()):
         raise HFExportError(f"{source}: per-layer-type rope parameters are not supported")
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise HFExportError(f"{source}: partial_rotary_factor={partial} (rotary embeddings on part of each head) "
+                            "is not supported by slmkit; only full rotary (partial_rotary_factor 1.0) imports")
+    params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", default_theta)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
+    if kind in ("longrope", "su", "yarn") and raw.get("model_type") == "phi3":
+        raise HFExportError(f"{source}: Phi-3 rope scaling {kind!r} (LongRoPE, used by the 128k-context variants "
+                            "such as Phi-3-mini-128k) is not supported by slmkit; Phi-3 models with default "
+                            "rotary embeddings (rope_scaling null, e.g. the 4k-context variants) import")
     if kind != "llama3":
         raise HFExportError(f"{source}: rope type {kind!r} is not supported by slmkit; supported: default, llama3")
     if "factor" not in params:
@@ -383,7 +549,7 @@ def _copy_tokenizer(hf_dir: Path, out: Path) -> bool:
 
 def _warn_sliding_window(config: ModelConfig, where: str, *, exported: bool) -> None:
     window = config.sliding_window
-    applies = config.model_type == "mistral" or (
+    applies = config.model_type in ("mistral", "phi3", "mixtral") or (
         config.model_type == "qwen2" and bool(config.extra.get("use_sliding_window")))
     if applies and window is not None and window < config.max_position_embeddings:
         side = "transformers will" if exported else "the source model was configured to"

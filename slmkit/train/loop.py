@@ -172,15 +172,18 @@ class Trainer:
             group["lr"] = lr
         per_rank = self.micro * self.accum
         base = self.dist.rank * per_rank
-        losses, tokens = [], 0
+        losses, tokens, extras = [], 0, {}
         for m in range(self.accum):
             rows = slice(base + m * self.micro, base + (m + 1) * self.micro)
             batch = self.batches.batch(self.step, rows)
             sync = (m == self.accum - 1) or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
             with ctx:
-                loss, _ = self._micro_step(batch)
+                loss, metrics = self._micro_step(batch)
             losses.append(loss)
+            for k, v in metrics.items():  # the step's other scalars (e.g. aux_loss), logged as their mean
+                if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                    extras.setdefault(k, []).append(v.float())
             tokens += int(batch["input_ids"].numel())
         if self.extra_modules is not None and self.dist.enabled:  # DDP syncs only the wrapped model
             for p in self.extra_modules.parameters():
@@ -195,7 +198,8 @@ class Trainer:
         tokens *= self.dist.world_size
         self.tokens_seen += tokens
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "lr": lr, "tokens": tokens,
+        return {**{k: torch.stack(v).mean().item() for k, v in extras.items()},
+                "step": self.step, "loss": loss.item(), "lr": lr, "tokens": tokens,
                 "grad_norm": None if grad_norm is None else float(grad_norm)}
 
     def _run_eval(self) -> dict | None:

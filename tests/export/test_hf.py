@@ -223,7 +223,7 @@ def test_import_config_defaults_follow_transformers():
 # -- import errors ------------------------------------------------------------------------------
 
 def test_import_unsupported_model_type(tmp_path):
-    for model_type in ("gpt2", "phi3"):
+    for model_type in ("gpt2", "gemma2"):
         d = tmp_path / model_type
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": model_type, **HF_TINY}))
