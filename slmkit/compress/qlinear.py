@@ -90,59 +90,73 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)  # (out, in/2, 2) -> (out, in)
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
-
-
-def _kernel_dtype_for(module: nn.Module, x: torch.Tensor) -> torch.dtype:
-    return module.kernel_dtype if x.dtype == torch.float32 and module.kernel_dtype is not None else x.dtype
-
-
-def _use_kernel(module: nn.Module, x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and module._kernel_ok and _rows(x) <= KERNEL_MAX_ROWS
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not (torch.is_grad_enabled() and x.requires_grad))
-
-
-def _state_key(*tensors: torch.Tensor) -> tuple:
-    # `_version` moves on in-place writes (load_state_dict copies), the pointer on reassignment.
-    return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+_KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The resolved overloads: calling the op packet (`torch.ops.aten.x(...)`) costs ~10 us of Python dispatch per
+# call, as much as the kernel itself for a 256x256 layer.
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 class _QuantizedLinear(nn.Module):
-    """What both modules share: bias, shapes, the forward dispatch, parameter counting."""
+    """What both modules share: bias, shapes, the forward dispatch, parameter counting.
+
+    The forward's kernel branch is written for per-call overhead (a decode step calls it ~7 times per
+    layer): derived kernel tensors are cached with the identity and version counter of the buffers they
+    come from, so `.to()`, `load_state_dict` (in place or `assign=True`), buffer reassignment and in-place
+    edits all invalidate the cache."""
 
     kernel_dtype: torch.dtype | None = torch.bfloat16
     quantized_by: str = ""
+    _source_buffers: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
-                                 requires_grad=False) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                                     requires_grad=False) if bias else None)
         self._kernel_ok = True
-        self._kernel_cache: tuple | None = None  # derived tensors for the CPU kernel, never saved
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.scales.dtype
+        self._kernel_cache: tuple | None = None  # (dtype, ((buffer, tensor, version), ...), derived), never saved
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+    def _derive(self, dtype: torch.dtype) -> tuple:
+        """Kernel-ready tensors for activations in `dtype` (computed once, cached)."""
         raise NotImplementedError
 
+    def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel_tensors(self, dtype: torch.dtype) -> tuple:
+        c, buffers = self._kernel_cache, self._buffers
+        if c is not None and c[0] is dtype:
+            for name, t, version in c[1]:
+                now = buffers[name]
+                if now is not t or (version >= 0 and now._version != version):
+                    break
+            else:
+                return c[2]
+        # inference tensors have no version counter (and cannot be edited outside inference mode): -1
+        sources = tuple((n, buffers[n], -1 if buffers[n].is_inference() else buffers[n]._version)
+                        for n in self._source_buffers)
+        self._kernel_cache = (dtype, sources, self._derive(dtype))
+        return self._kernel_cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_kernel(self, x):
+        bias = self._parameters["bias"]
+        if (x.is_cpu and self._kernel_ok and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+                and x.dtype in _KERNEL_INPUT_DTYPES and not (x.requires_grad and torch.is_grad_enabled())):
+            dtype = self.kernel_dtype if x.dtype is torch.float32 and self.kernel_dtype is not None else x.dtype
             try:
-                y = self._kernel(x.reshape(-1, self.in_features)).to(x.dtype)  # (rows, out)
-                y = y.reshape(*x.shape[:-1], self.out_features)
-                return y + self.bias.to(x.dtype) if self.bias is not None else y
+                y = self._matmul(x.reshape(-1, self.in_features).to(dtype), self._kernel_tensors(dtype))  # (rows, out)
             except RuntimeError:
-                self._kernel_ok = False  # this shape/build has no kernel: remember, use the exact path
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize(x.dtype), bias)
+                self._kernel_ok = False  # no kernel for this shape/build: remember, take the exact path
+            else:
+                y = y.view(x.shape[:-1] + (self.out_features,))
+                if y.dtype is not x.dtype:
+                    y = y.to(x.dtype)
+                return y if bias is None else y + bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def _nonzero_weights(self) -> int:
         raise NotImplementedError
@@ -165,6 +179,7 @@ class Int8Linear(_QuantizedLinear):
     """Weight-only int8 Linear: symmetric, one scale per output channel."""
 
     quantized_by = "quant.int8"
+    _source_buffers = ("weight_int8", "scales")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  device=None, dtype: torch.dtype = torch.float32):
@@ -192,12 +207,11 @@ class Int8Linear(_QuantizedLinear):
         dtype = dtype or self.scales.dtype
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]  # (out, in)
 
-    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        dtype = _kernel_dtype_for(self, x2)
-        key = (_state_key(self.weight_int8, self.scales), dtype)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, self.scales.to(dtype))
-        return torch.ops.aten._weight_int8pack_mm(x2.to(dtype), self.weight_int8, self._kernel_cache[1])
+    def _derive(self, dtype: torch.dtype) -> tuple:
+        return self.weight_int8, self.scales.to(dtype)
+
+    def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
+        return _INT8_MM(x2, *derived)
 
     def _nonzero_weights(self) -> int:
         return int(torch.count_nonzero(self.weight_int8))
@@ -210,6 +224,7 @@ class Int4Linear(_QuantizedLinear):
     """Weight-only int4 Linear: asymmetric, one scale and integer zero point per group of input columns."""
 
     quantized_by = "quant.int4"
+    _source_buffers = ("weight_int4", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128, *,
                  device=None, dtype: torch.dtype = torch.float32):
@@ -251,17 +266,15 @@ class Int4Linear(_QuantizedLinear):
         w = (q - self.zeros.to(dtype)[:, :, None]) * self.scales.to(dtype)[:, :, None]
         return w.reshape(self.out_features, self.in_features)
 
-    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        dtype = _kernel_dtype_for(self, x2)
-        key = (_state_key(self.weight_int4, self.scales, self.zeros), dtype)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
-            s = self.scales.float()
-            zero = (INT4_KERNEL_OFFSET - self.zeros.float()) * s  # (q - z) s == (q - 8) s + (8 - z) s
-            scales_and_zeros = torch.stack([s.t(), zero.t()], dim=2).contiguous().to(dtype)  # (groups, out, 2)
-            self._kernel_cache = (key, packed, scales_and_zeros)
-        _, packed, scales_and_zeros = self._kernel_cache
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dtype), packed, self.group_size, scales_and_zeros)
+    def _derive(self, dtype: torch.dtype) -> tuple:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+        s = self.scales.float()
+        zero = (INT4_KERNEL_OFFSET - self.zeros.float()) * s  # (q - z) s == (q - 8) s + (8 - z) s
+        scales_and_zeros = torch.stack([s.t(), zero.t()], dim=2).contiguous().to(dtype)  # (groups, out, 2)
+        return packed, self.group_size, scales_and_zeros
+
+    def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
+        return _INT4_MM(x2, *derived)
 
     def _nonzero_weights(self) -> int:
         z = self.zeros.repeat_interleave(self.group_size, dim=1)

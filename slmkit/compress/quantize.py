@@ -397,7 +397,12 @@ class _HessianAccumulator:
         self._batch.clear()
 
     def hessian(self, name: str) -> torch.Tensor:
-        return self.sums.pop(name) * (2.0 / max(self.rows[name], 1))  # H = 2/n · XᵀX
+        """H = 2/n · XᵀX; a module that saw no calibration rows (an expert no token was routed to) gets
+        H = I, for which GPTQ reduces to round-to-nearest."""
+        if not self.rows.get(name):
+            m = self.modules[name]
+            return torch.eye(m.in_features, device=m.weight.device)
+        return self.sums.pop(name) * (2.0 / self.rows[name])
 
 
 # Within a decoder layer, projections whose inputs depend on earlier projections of the same layer are
@@ -429,6 +434,10 @@ def _capture_first_layer_inputs(model: nn.Module, first: nn.Module, calib: Calib
     finally:
         handle.remove()
     return captured
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _stages(layer_targets: dict[str, nn.Module]) -> list[list[str]]:
@@ -478,10 +487,10 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
                         for h in handles:
                             h.remove()
                     for n in stage:
-                        quantize(n, acc.hessian(n), acc.rows[n])
+                        quantize(n, acc.hessian(n), acc.rows.get(n, 0))
                         done.add(n)
                 if i + 1 < len(layers):  # the next layer sees this one's quantized output
-                    inputs = [((layer(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+                    inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
             del inputs
         rest = {n: m for n, m in targets.items() if n not in done}
         if rest:  # outside the decoder layers (lm_head): one full forward through the quantized model
@@ -493,7 +502,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
 
             collect_inputs(model, rest, calib, observe)
             for n in rest:
-                quantize(n, acc.hessian(n), acc.rows[n])
+                quantize(n, acc.hessian(n), acc.rows.get(n, 0))
     order = "descending Hessian diagonal (act_order)" if cfg.act_order else "natural"
     return model, _report(cfg, "gptq", before, model, skipped, act_order=cfg.act_order, damp=cfg.damp,
                           block_size=cfg.block_size, column_order=order, layers=layers_report,

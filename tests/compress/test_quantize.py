@@ -238,6 +238,21 @@ def test_kernel_cache_follows_state_dict_loads():
         assert torch.equal(a(x), b(x))
 
 
+def test_kernel_cache_follows_in_place_edits_and_inference_tensors():
+    lin = random_linear(64, 32)
+    x = torch.randn(1, 64)
+    for make in (lambda: Int8Linear.from_linear(lin), lambda: Int4Linear.from_linear(lin, 32)):
+        q = make()
+        with torch.no_grad():
+            y = q(x)
+            q.scales.mul_(2)  # an in-place edit of a source buffer
+            assert torch.allclose(q(x), 2 * y, rtol=1e-2, atol=1e-6)
+        with torch.inference_mode():  # a module built in inference mode still uses (and caches) the kernel
+            qi = make()
+            assert torch.allclose(qi(x), y, rtol=0, atol=0)
+            assert qi._kernel_ok and qi._kernel_cache is not None
+
+
 def test_meta_construction_and_state_dict_layout():
     with torch.device("meta"):
         q8, q4 = Int8Linear(256, 96, bias=True), Int4Linear(256, 96, group_size=64)
@@ -305,7 +320,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(act_order, bits, group_size):
     rtn = rtn_quantize(W, bits, group_size)
     e_gptq = reconstruction_error(W, gptq.dequantize(), X)
     e_rtn = reconstruction_error(W, rtn.dequantize(), X)
-    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+    assert e_gptq < 0.5 * e_rtn, (e_gptq, e_rtn)
     assert gptq.codes.dtype == (torch.uint8 if bits == 4 else torch.int8)
 
 
@@ -337,3 +352,20 @@ def test_gptq_model_error_not_worse_than_rtn(calib):
         e_rtn, e_gptq = relative_error(rtn(x), ref), relative_error(gptq(x), ref)
     assert e_gptq < e_rtn
     assert all(r["loss"] >= 0 and r["calibration_rows"] == 8 * 32 for r in report["layers"].values())
+
+
+def test_gptq_on_mixture_of_experts_reloads(tmp_path):
+    """Experts see only their routed tokens (possibly none: then GPTQ falls back to round-to-nearest)."""
+    model = tiny_model(num_local_experts=4, num_experts_per_tok=1)
+    x = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        ref = model(x)
+    model, report, cfg = run_pass(model, "quant.gptq", {"group_size": 32}, Calibration(torch.randint(0, 97, (1, 3))))
+    rows = {n: r["calibration_rows"] for n, r in report["layers"].items() if ".experts." in n}
+    assert len(rows) == 2 * 4 * 3 and sum(rows.values()) == 2 * 3 * 3  # each token to one expert, 3 projections
+    with torch.no_grad():
+        out = model(x)
+    assert relative_error(out, ref) < 0.1
+    loaded = reload(model, [("quant.gptq", cfg, report)], tmp_path)
+    with torch.no_grad():  # not torch.equal: the MoE forward differs by ~1e-8 between two copies of one fp32 model
+        assert torch.allclose(loaded(x), out, rtol=0, atol=1e-5)
