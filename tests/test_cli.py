@@ -99,3 +99,22 @@ def test_distill_through_the_cli(tmp_path, tiny_dataset, tiny_model_yaml):
     r = slm("distill", "--teacher", teacher, "--student", student, "--data", tiny_dataset, "--out", tmp_path / "x",
             "--temperature", 0, ok=False)
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+@pytest.mark.slow
+def test_compress_through_the_cli(tmp_path, tiny_dataset, tiny_model_yaml):
+    r = slm("compress", "--list")
+    assert "prune.wanda" in r.stdout and "quant.gptq" in r.stdout
+    ck = tmp_path / "m"
+    slm("train", "--data", tiny_dataset, "--model", tiny_model_yaml, "--out", ck, "--steps", 6, "--batch-size", 4,
+        "--seq-len", 32, "--precision", "fp32", "--eval-every", 0)
+    r = slm("compress", ck, "--data", tiny_dataset, "--pass", "prune.wanda:sparsity=0.5", "--pass", "quant.int8",
+            "--out", tmp_path / "c", "--calib-samples", 4, "--calib-seq-len", 32, "--eval-tokens", 1024, "--no-speed")
+    assert "prune.wanda" in r.stdout and "quant.int8" in r.stdout and "(input)" in r.stdout
+    info = json.loads(slm("info", tmp_path / "c", "--json").stdout)
+    assert [p["name"] for p in info["provenance"]["passes"]] == ["prune.wanda", "quant.int8"]
+    r = slm("generate", tmp_path / "c", "def", "-n", 4, "--temperature", 0, "--no-stream")
+    assert r.returncode == 0
+    r = slm("compress", ck, "--data", tiny_dataset, "--pass", "quant.int8", "--pass", "prune.magnitude",
+            "--out", tmp_path / "bad", ok=False)
+    assert r.returncode == 2 and "quantize last" in r.stderr and not (tmp_path / "bad").exists()

@@ -25,7 +25,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, memory=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -35,6 +35,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if memory is not None:  # Transformer-XL segment memory (xl_memory.py): prepend cached positions
+            k, v = memory.attend(self.layer_idx, k, v)  # (B, n_kv, m + T, hd)
         # mask=None means plain causal attention over T == S (training / first prefill).
         causal = mask is None and q.shape[2] > 1
         # GQA: SDPA broadcasts each key/value head over its group of query heads without copying.

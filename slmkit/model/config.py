@@ -56,7 +56,7 @@ class ModelConfig:
     router_z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
     # Attention variant: "full" (softmax over all past tokens) or "linformer" (slmkit/model/linformer.py).
     attention_type: str = "full"
-    linformer_k: int = 64  # keys/values projected to this length per block (Linformer)
+    linformer_k: int = 16  # keys/values of each block projected to this many rows (Linformer)
     linformer_block: int = 128  # causal block size for the projections
     # Transformer-XL segment memory (slmkit/model/xl_memory.py): cached positions from earlier segments.
     memory_length: int = 0

@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .mlp import SwiGLU
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+from .xl_memory import XLMemory
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
@@ -51,8 +52,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = build_mlp(config, layer_idx)
 
-    def forward(self, x, rope, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def forward(self, x, rope, mask, cache=None, memory=None):
+        mem = {} if memory is None else {"memory": memory}  # only full attention accepts memory
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, **mem)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -100,13 +102,18 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, return_hidden_states: bool = False):
+                last_only: bool = False, return_hidden_states: bool = False, memory: XLMemory | None = None):
         """input_ids: (B, T). attention_mask: (B, S) with 1 for real tokens over all S = past + T key
         positions (only needed for padded batches). Returns logits (B, T, V) — (B, 1, V) with
         `last_only` — and, with `return_hidden_states`, the list of per-layer inputs plus the final
-        normalised hidden state."""
+        normalised hidden state. `memory` (an XLMemory, see xl_memory.py) makes the segment attend to the
+        cached positions of earlier segments and then keeps its last positions for the next one."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if memory is not None:
+            position_ids = memory.begin_segment(input_ids, position_ids=position_ids, cache=cache,
+                                                attention_mask=attention_mask, rotary=self.model.rotary_emb)
+            past = memory.length
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
@@ -117,9 +124,11 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             if return_hidden_states:
                 hidden.append(x)
-            x = layer(x, rope, mask, cache)
+            x = layer(x, rope, mask, cache, memory)
         if cache is not None:
             cache.advance(T)
+        if memory is not None:
+            memory.end_segment(T)
         x = self.model.norm(x)
         if return_hidden_states:
             hidden.append(x)
@@ -150,6 +159,10 @@ class CausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_length, p.device, dtype or p.dtype)
+
+    def new_memory(self, batch_size: int, length: int | None = None) -> XLMemory:
+        """An empty Transformer-XL memory of `length` (default `config.memory_length`) positions."""
+        return XLMemory(self.config, batch_size, length)
 
 
 def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None,

@@ -13,6 +13,7 @@ from ..model import CausalLM, ModelConfig, resolve_model_config
 from .batches import LMBatches
 from .config import TrainConfig
 from .loop import Trainer, TrainResult, autocast_dtype, resolve_device
+from .segments import SegmentBatches, XLLMStep
 from .steps import lm_step
 
 
@@ -61,12 +62,15 @@ def pretrain(data: str | Path, model_spec: str | Path, out: str | Path, cfg: Tra
     ds = open_dataset(data)
     torch.manual_seed(cfg.seed)
     model, prior = model_for_dataset(model_spec, ds, seq_len=cfg.seq_len)
-    batches = LMBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed)
+    if model.config.memory_length > 0:  # Transformer-XL memory: consecutive segments, memory kept across steps
+        batches, step_fn = SegmentBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed), XLLMStep()
+    else:
+        batches, step_fn = LMBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed), lm_step
     device = resolve_device(cfg.device)
     stage = {"stage": "train", "model": str(model_spec), "config": cfg.to_dict(),
              "data": {"path": str(Path(data).resolve()), "tokenizer_sha256": ds.meta.get("tokenizer_sha256"),
                       "train_tokens": len(ds.split("train"))}}
-    trainer = Trainer(model, lm_step, batches, cfg, out, evaluate=lm_evaluator(ds, cfg, device),
+    trainer = Trainer(model, step_fn, batches, cfg, out, evaluate=lm_evaluator(ds, cfg, device),
                       tokenizer_from=ds.path, provenance={**prior, "stages": [*prior["stages"], stage]},
                       on_step_end=on_step_end,
                       quiet=quiet)
