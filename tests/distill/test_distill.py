@@ -152,3 +152,23 @@ def test_distilling_into_a_pruned_student_keeps_it_sparse_and_loadable(teacher, 
     assert [p["name"] for p in ck.provenance["passes"]] == ["prune.magnitude"]
     assert [s["stage"] for s in ck.provenance["stages"]] == ["train", "compress", "distill"]
     assert count_parameters(ck.model) == before
+
+
+@pytest.mark.parametrize("extra", ["num_local_experts: 4\nnum_experts_per_tok: 2\n",
+                                   "attention_type: linformer\nlinformer_block: 8\nlinformer_k: 2\n"])
+def test_efficient_architectures_distill(teacher, tiny_dataset, tmp_path, extra):
+    """MoE and Linformer students train under the KD step like any other (aux loss included for MoE)."""
+    student = tmp_path / "student.yaml"
+    student.write_text(STUDENT_YAML + extra)
+    out = tmp_path / "s"
+    res = distill(teacher, student, tiny_dataset, out, cfg(steps=3, save_every=0), KDConfig(), quiet=True)
+    assert res.steps == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    if "experts" in extra:
+        assert all("aux_loss" in r for r in res.history)
+    ck = load_checkpoint(out)
+    x = torch.randint(0, ck.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        full = ck.model(x)
+        cache = ck.model.new_cache(1, 24)
+        steps = [ck.model(x[:, :12], cache=cache)] + [ck.model(x[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
