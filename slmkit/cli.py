@@ -414,9 +414,12 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     """
     from .checkpoint import load_checkpoint
 
+    from .compress.base import count_parameters
+
     ck = load_checkpoint(ckpt)
     files = {p.name: p.stat().st_size for p in sorted(Path(ckpt).iterdir()) if p.is_file()}
-    summary = {"path": str(ckpt), "parameters": ck.model.num_parameters(),
+    logical, nonzero = count_parameters(ck.model)  # counts weights that compressed modules pack as buffers
+    summary = {"path": str(ckpt), "parameters": logical, "nonzero_parameters": nonzero,
                "parameters_without_embeddings": ck.model.num_parameters(exclude_embeddings=True),
                "bytes_on_disk": sum(files.values()), "files": files, "config": ck.config.to_dict(),
                "provenance": {k: v for k, v in ck.provenance.items() if k != "files"}}
@@ -432,6 +435,10 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     if "active_parameters" in summary:  # mixture of experts: a token runs through k of E experts
         params = f"total {summary['total_parameters']:,}, active per token {summary['active_parameters']:,}"
     t.add_row("parameters", f"{params} ({summary['parameters_without_embeddings']:,} without embeddings)")
+    if nonzero != logical:
+        t.add_row("nonzero parameters", f"{nonzero:,} ({1 - nonzero / max(logical, 1):.1%} sparse)")
+    if ck.provenance.get("passes"):
+        t.add_row("compression", " -> ".join(p["name"] for p in ck.provenance["passes"]))
     t.add_row("bytes on disk", f"{summary['bytes_on_disk']:,}")
     c = ck.config
     t.add_row("architecture", f"{c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
