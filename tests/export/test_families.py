@@ -16,6 +16,7 @@ from slmkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from slmkit.export import HFExportError, export_hf, import_hf  # noqa: E402
 from slmkit.model import CausalLM, ModelConfig  # noqa: E402
 from slmkit.model.moe import SparseMoE  # noqa: E402
+from hf_helpers import hf_logits, max_diff
 
 torch.set_num_threads(1)
 
@@ -59,18 +60,6 @@ def save_hf(model, path, tokenizer_dir):
 
 def batch(seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))  # (B, T)
-
-
-@torch.no_grad()
-def hf_logits(path_or_model, ids: torch.Tensor) -> torch.Tensor:
-    model = path_or_model
-    if not isinstance(model, torch.nn.Module):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32)
-    return model.eval()(ids).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def tensor_names(path) -> set[str]:

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from slmkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from slmkit.export import HFExportError, export_hf, import_hf  # noqa: E402
 from slmkit.model import CausalLM, ModelConfig  # noqa: E402
+from hf_helpers import hf_logits, max_diff
 
 TOL = 1e-4
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -35,18 +36,6 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def batch(vocab_size: int = 300, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))  # (B, T)
-
-
-@torch.no_grad()
-def hf_logits(path_or_model, ids: torch.Tensor) -> torch.Tensor:
-    model = path_or_model
-    if not isinstance(model, torch.nn.Module):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32)
-    return model.eval()(ids).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 # -- export -------------------------------------------------------------------------------------
