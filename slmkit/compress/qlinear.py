@@ -286,3 +286,102 @@ class Int4Linear(_QuantizedLinear):
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
+# -- quantized (tied) embeddings ------------------------------------------------------------------------
+
+class QuantizedEmbedding(nn.Module):
+    """Weight-only quantized token embedding: one packed (V, d) table, stored as an `Int8Linear` (per-row
+    scales) or `Int4Linear` (groups of `group_size` along d) named `packed`, so the same packed tensors
+    serve both directions: `forward(ids)` gathers rows and dequantizes only those, (B, T) -> (B, T, d) in
+    the scales' dtype; `logits(x)` is the packed matmul x Wᵀ (B, T, d) -> (B, T, V) with the kernels and
+    dispatch of the quantized Linears. State dict: `packed.weight_int8` + `packed.scales`, or
+    `packed.weight_int4` + `packed.scales` + `packed.zeros`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None = None, *,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedEmbedding: bits={bits} must be 4 or 8")
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        self.group_size = group_size if bits == 4 else None
+        if bits == 8:
+            self.packed = Int8Linear(embedding_dim, num_embeddings, False, device=device, dtype=dtype)
+        else:
+            self.packed = Int4Linear(embedding_dim, num_embeddings, False, group_size, device=device, dtype=dtype)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int | None = None) -> QuantizedEmbedding:
+        """Round-to-nearest quantization of a float embedding table (out = V rows, in = d columns)."""
+        w = emb.weight.detach()
+        m = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, device=w.device, dtype=w.dtype)
+        if bits == 8:
+            s = int8_scales(w)
+            m.packed.weight_int8.copy_(quantize_int8(w, s))
+            m.packed.scales.copy_(s)
+        else:
+            s, z = int4_params(w, group_size)
+            m.packed.weight_int4.copy_(pack_int4(quantize_int4(w, s, z)))
+            m.packed.scales.copy_(s)
+            m.packed.zeros.copy_(z)
+        return m
+
+    @property
+    def quantized_by(self) -> str:
+        return self.packed.quantized_by
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense (V, d) dequantized copy (costly: for code that reads `embed_tokens.weight`, e.g. for its
+        device and dtype); never a parameter, never saved."""
+        return self.packed.dequantize()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.packed.dequantize(dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        dtype = p.scales.dtype
+        if self.bits == 8:
+            return p.weight_int8[input_ids].to(dtype) * p.scales[input_ids].unsqueeze(-1)  # (..., d)
+        packed = p.weight_int4[input_ids]  # (..., d/2)
+        q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).to(dtype)  # (..., d/2, 2)
+        q = q.view(*input_ids.shape, -1, self.group_size)  # (..., groups, g)
+        z = p.zeros[input_ids].to(dtype).unsqueeze(-1)  # (..., groups, 1)
+        s = p.scales[input_ids].unsqueeze(-1)
+        return ((q - z) * s).view(*input_ids.shape, self.embedding_dim)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(x)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{g}"
+
+
+class TiedQuantizedHead(nn.Module):
+    """The output projection of a model whose lm_head is tied to a `QuantizedEmbedding`: logits = x Wᵀ
+    from the embedding's packed table. The embedding is held in a plain attribute (not a submodule), so the
+    head owns no tensors: the state dict, `count_parameters` and `.to()` see the table once, under
+    `model.embed_tokens`. `copy.deepcopy` keeps the sharing (its memo maps the reference to the copy)."""
+
+    def __init__(self, embedding: QuantizedEmbedding):
+        super().__init__()
+        self.tie(embedding)
+
+    def tie(self, embedding: QuantizedEmbedding) -> None:
+        object.__setattr__(self, "embedding", embedding)  # bypass Module.__setattr__: no registration
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding.logits(x)
+
+    def extra_repr(self) -> str:
+        return f"tied to a QuantizedEmbedding({self.embedding.extra_repr()})"

@@ -11,6 +11,14 @@ are the packed on-disk form and whose CPU forward runs torch's packed weight-onl
 plain `nn.Linear` modules and pruned `SparseLinear` ones (quantize after pruning: a zero weight stays an
 exact zero in both formats); modules of other types under a target name (e.g. low-rank factors) are skipped
 and listed in the report. `lm_head` may be a target only when it is not tied to the input embeddings.
+
+`embeddings=true` (quant.int8 / quant.int4 only) also quantizes the vocabulary matrix, round-to-nearest in
+the pass's format (int4: groups of `group_size` along hidden_size, which it must divide):
+- tied embeddings: `model.embed_tokens` becomes a `QuantizedEmbedding` holding the one packed (V, d) table
+  and `lm_head` a `TiedQuantizedHead` computing logits from that same table (stored once, under
+  `model.embed_tokens.packed.*`; nothing under `lm_head`);
+- untied: `lm_head` is quantized as an ordinary target (Int8Linear / Int4Linear); the input embedding stays
+  in float (a gather reads only T rows, so it costs bytes on disk, not time).
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import torch
 from torch import nn
 
 from .base import PROJECTIONS, Calibration, PassError, collect_inputs, decoder_layers, register_pass, set_module
-from .qlinear import (INT4_QMAX, INT8_QMAX, QUANTIZED_LINEARS, Int4Linear, Int8Linear, int4_params, int8_scales,
-                      quantize_int4, quantize_int8)
+from .qlinear import (INT4_QMAX, INT8_QMAX, QUANTIZED_LINEARS, Int4Linear, Int8Linear, QuantizedEmbedding,
+                      TiedQuantizedHead, int4_params, int8_scales, quantize_int4, quantize_int8)
 
 GROUP_SIZES = (32, 64, 128)
 ALLOWED_TARGETS = (*PROJECTIONS, "lm_head")
@@ -54,6 +62,10 @@ class _QuantConfig:
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
             raise self._fail("group_size", f"must be one of {list(GROUP_SIZES)} for 4-bit weights")
 
+    def _check_embeddings(self) -> None:
+        if not isinstance(self.embeddings, bool):
+            raise self._fail("embeddings", "must be true or false")
+
     @property
     def group(self) -> int | None:
         """Group size of the stored format (None: one scale per output channel)."""
@@ -68,9 +80,11 @@ class Int8Config(_QuantConfig):
     allowed_bits: ClassVar[tuple[int, ...]] = (8,)
     bits: int = 8
     targets: tuple[str, ...] = PROJECTIONS
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         self._check_common()
+        self._check_embeddings()
 
     @property
     def group(self) -> int | None:
@@ -86,10 +100,12 @@ class Int4Config(_QuantConfig):
     bits: int = 4
     group_size: int = 128
     targets: tuple[str, ...] = PROJECTIONS
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         self._check_common()
         self._check_group()
+        self._check_embeddings()
 
 
 @dataclass(frozen=True)
@@ -122,11 +138,17 @@ class GPTQConfig(_QuantConfig):
 # -- finding targets ----------------------------------------------------------------------------------------
 
 def find_quant_targets(model: nn.Module, cfg: _QuantConfig) -> tuple[dict[str, nn.Linear], list[dict]]:
-    """({name: Linear} to quantize, [skipped modules]); validates everything before any weight changes."""
-    wanted = set(cfg.targets)
+    """({name: Linear} to quantize, [skipped modules]); validates everything before any weight changes.
+
+    With `embeddings=true` and tied embeddings, `lm_head` is never a Linear target (the tied table is
+    quantized by `_quantize_tied_embeddings`); untied, `lm_head` joins the targets."""
+    plan = embedding_plan(model, cfg)
+    wanted = set(cfg.targets) | ({"lm_head"} if plan == "untied" else set())
+    if plan == "tied":
+        wanted.discard("lm_head")
     found: dict[str, nn.Linear] = {}
     skipped: list[dict] = []
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    tied = _is_tied(model)
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] not in wanted:
             continue
@@ -139,15 +161,45 @@ def find_quant_targets(model: nn.Module, cfg: _QuantConfig) -> tuple[dict[str, n
         if name == "lm_head" and (tied or _is_tied_to_embedding(model, module)):
             raise PassError(f"{cfg.pass_name}: targets includes lm_head, but lm_head is tied to the input embeddings "
                             "(tie_word_embeddings=true); quantizing it would change the embeddings too — drop "
-                            "lm_head from targets")
+                            "lm_head from targets, or set embeddings=true to quantize the tied matrix once")
         g = cfg.group
         if g is not None and module.in_features % g:
             raise PassError(f"{cfg.pass_name}: group_size={g} does not divide in_features={module.in_features} of "
                             f"{name}; choose a group_size dividing it, or drop {name.rsplit('.', 1)[-1]} from targets")
         found[name] = module
-    if not found:
+    if not found and plan != "tied":
         raise PassError(f"{cfg.pass_name}: targets={list(cfg.targets)} matched no nn.Linear in the model")
     return found, skipped
+
+
+def _is_tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def embedding_plan(model: nn.Module, cfg: _QuantConfig) -> str | None:
+    """None (embeddings not asked for), "tied" or "untied"; validates the embedding side of the pass."""
+    if not getattr(cfg, "embeddings", False):
+        return None
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    if isinstance(emb, QuantizedEmbedding) or isinstance(head, (TiedQuantizedHead, *QUANTIZED_LINEARS)):
+        raise PassError(f"{cfg.pass_name}: embeddings=true, but the embeddings/lm_head are already quantized; "
+                        "quantize them once — set embeddings=false")
+    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise PassError(f"{cfg.pass_name}: embeddings=true needs model.embed_tokens (nn.Embedding) and lm_head "
+                        f"(nn.Linear); found {type(emb).__name__} and {type(head).__name__}")
+    if not (_is_tied(model) or _is_tied_to_embedding(model, head)):
+        return "untied"
+    g = cfg.group
+    if g is not None and emb.embedding_dim % g:
+        raise PassError(f"{cfg.pass_name}: group_size={g} does not divide hidden_size={emb.embedding_dim} of the "
+                        "tied embeddings (embeddings=true); choose a group_size dividing it, or set embeddings=false")
+    return "tied"
+
+
+def _tie_quantized(model: nn.Module, emb: QuantizedEmbedding) -> None:
+    model.model.embed_tokens = emb
+    model.lm_head = TiedQuantizedHead(emb)
 
 
 def _is_tied_to_embedding(model: nn.Module, lm_head: nn.Linear) -> bool:
@@ -182,13 +234,30 @@ def _quantized_module(linear: nn.Linear, cfg: _QuantConfig, codes: torch.Tensor,
 
 def _apply_rtn(model: nn.Module, cfg: _QuantConfig) -> tuple[nn.Module, dict]:
     targets, skipped = find_quant_targets(model, cfg)
+    plan = embedding_plan(model, cfg)
     before = {n: _module_bytes(m) for n, m in targets.items()}
+    extra: dict[str, Any] = {}
+    if plan == "tied":
+        emb_before = _module_bytes(model.model.embed_tokens)
+    elif plan == "untied":
+        emb_before = _module_bytes(model.lm_head)
     for name, linear in targets.items():
         with torch.no_grad():
             new = Int8Linear.from_linear(linear) if cfg.bits == 8 else Int4Linear.from_linear(linear, cfg.group)
         new.quantized_by = cfg.pass_name
         set_module(model, name, new)
-    return model, _report(cfg, "round-to-nearest", before, model, skipped)
+    if plan == "tied":
+        with torch.no_grad():
+            emb = QuantizedEmbedding.from_embedding(model.model.embed_tokens, cfg.bits, cfg.group)
+        emb.packed.quantized_by = cfg.pass_name
+        _tie_quantized(model, emb)
+        extra = {"embeddings": "tied", "embedding_modules": ["model.embed_tokens", "lm_head"],
+                 "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(emb)}
+    elif plan == "untied":
+        extra = {"embeddings": "untied", "embedding_modules": ["lm_head"],
+                 "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(model.lm_head),
+                 "embedding_note": "untied: lm_head quantized as a Linear target; model.embed_tokens stays float"}
+    return model, _report(cfg, "round-to-nearest", before, model, skipped, **extra)
 
 
 def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
@@ -206,6 +275,15 @@ def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
             new = Int4Linear(old.in_features, old.out_features, old.bias is not None, group, **kw)
         new.quantized_by = cfg.pass_name
         set_module(model, name, new)
+    if record.get("embeddings") == "tied":
+        old = model.model.embed_tokens
+        if not isinstance(old, nn.Embedding):
+            raise PassError(f"{cfg.pass_name}: cannot replay quantization of the tied embeddings: "
+                            f"model.embed_tokens is a {type(old).__name__}")
+        emb = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, bits, group,
+                                 device=old.weight.device, dtype=old.weight.dtype)
+        emb.packed.quantized_by = cfg.pass_name
+        _tie_quantized(model, emb)
     return model
 
 

@@ -158,7 +158,7 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
                          "bytes": f"{rows[0]['bytes']:,} -> {rows[-1]['bytes']:,}"},
              "metrics": {k: rows[-1][k] for k in ("bits_per_byte", "decode_tok_s") if k in rows[-1]}}
     prov["stages"] = [*prov.get("stages", []), stage]
-    save_checkpoint(model, out, tokenizer_from=ck.path, provenance=prov)
+    save_checkpoint(model, out, tokenizer_from=ck.path if ck.tokenizer_path else None, provenance=prov)
     return rows
 
 

@@ -97,7 +97,7 @@ class CausalLM(nn.Module):
             nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head shares its table
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
@@ -157,7 +157,7 @@ class CausalLM(nn.Module):
         return total
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.model.embed_tokens.weight
+        p = self.model.norm.weight  # always a plain float parameter, whatever compression did to the rest
         return KVCache(self.config, batch_size, max_length, p.device, dtype or p.dtype)
 
     def new_memory(self, batch_size: int, length: int | None = None) -> XLMemory:
