@@ -18,7 +18,8 @@ from slmkit.data import open_dataset
 from slmkit.model import CausalLM, resolve_model_config
 
 PLANS = ["prune.width:mlp_ratio=0.5,heads_ratio=0.5", "quant.int8", "quant.int4:group_size=128",
-         "prune.width:mlp_ratio=0.5,heads_ratio=0.5>quant.int8"]
+         "quant.int8:embeddings=true", "quant.int4:group_size=128,embeddings=true",
+         "prune.width:mlp_ratio=0.5,heads_ratio=0.5>quant.int8:embeddings=true"]
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="dataset (calibration; its tokenizer sets the vocab)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--plans", default=";".join(PLANS), help="';'-separated plans; '>' chains passes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -36,7 +38,7 @@ def main() -> None:
     save_checkpoint(model, work / "dense", tokenizer_from=ds.path)
     print(f"preset {args.preset}, threads {torch.get_num_threads()}")
     print(f"{'plan':56s} {'params':>11s} {'bytes':>7s} {'decode tok/s':>13s} {'vs dense':>9s}")
-    for i, plan in enumerate(PLANS):
+    for i, plan in enumerate(p for p in args.plans.split(";") if p):
         rows = compress(work / "dense", work / f"p{i}", [parse_pass(p) for p in plan.split(">")], data=args.data,
                         calib_samples=16, calib_seq_len=128, eval_tokens=2048)
         d, c = rows[0], rows[-1]
