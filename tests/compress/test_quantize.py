@@ -11,7 +11,8 @@ from slmkit.checkpoint import state_dict_for_save
 from slmkit.compress.base import (Calibration, PassError, config_to_dict, count_parameters, get_pass, make_config,
                                   state_bytes)
 from slmkit.compress.qlinear import Int4Linear, Int8Linear, pack_int4, unpack_int4
-from slmkit.compress.quantize import gptq_quantize, rtn_quantize
+from slmkit.compress.gptq import gptq_quantize
+from slmkit.compress.quantize import rtn_quantize
 from slmkit.model import CausalLM, ModelConfig
 from slmkit.model.rope import rope_inverse_frequencies
 

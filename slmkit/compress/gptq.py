@@ -1,0 +1,276 @@
+"""GPTQ (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"): the `quant.gptq` pass and the column-by-column quantizer behind it. The formats, modules and
+config are those of `quantize.py`; only how the integer codes are chosen differs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Calibration, PassError, collect_inputs, decoder_layers, register_pass, set_module
+from .qlinear import INT4_QMAX, INT8_QMAX, int4_params, int8_scales
+from .quantize import (GPTQConfig, QuantizedWeight, _module_bytes, _quantized_module, _report, find_quant_targets,
+                       restructure)
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp · mean(diag H), raising damp tenfold (up to
+    three times) when H is numerically not positive definite. Returns (U, damp used)."""
+    mean_diag = float(H.diagonal().mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(4):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, damp
+        damp = min(damp * 10, 1.0)
+    raise PassError("quant.gptq: the calibration Hessian is not positive definite even with damp="
+                    f"{damp}; use more calibration samples or a larger damp")
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int | None = 128,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, 2023, "GPTQ: Accurate Post-Training Quantization for
+    Generative Pre-trained Transformers").
+
+    Goal: choose codes for W (rows × cols) minimising the layer's output error ‖WX − ŴX‖² over calibration
+    inputs X (cols × n), whose Hessian with respect to any one row is H = 2XXᵀ (the same for every row,
+    which is what makes the method cheap). It descends from Optimal Brain Surgeon: quantize one input column
+    q at a time, then move all not-yet-quantized columns F to compensate,
+
+        δ_F = −(w_q − quant(w_q)) / [H_F⁻¹]_qq · (H_F⁻¹)_{:,q},
+
+    where H_F⁻¹ is the inverse Hessian restricted to the remaining columns. Three observations make it
+    practical:
+    1. Order barely matters for large layers, so every row uses the same column order and shares one
+       H_F⁻¹ sequence. Removing column q from H⁻¹ is a Gaussian elimination step, and the rows of the
+       successive H_F⁻¹ needed are exactly the rows of the upper Cholesky factor U of H⁻¹ (scaled by its
+       diagonal). So: factor once, then err = (w_q − ŵ_q) / U_qq and W_{:,q:} −= err · U_{q,q:}.
+    2. Lazy batch updates: within a block of B columns the updates touch only the block; the accumulated
+       errors E (rows × B) reach the columns after the block in one matrix product W −= E · U_{block,rest},
+       turning a memory-bound rank-1 loop into compute-bound GEMMs.
+    3. Damping: H + λI with λ = `damp` · mean(diag H) keeps the factorisation stable; dead inputs (a zero
+       diagonal) get H_qq = 1 and their weights set to 0, since they never contribute.
+
+    Activation order (`act_order`, the paper's "desc_act"): process columns by decreasing H_qq, so the
+    columns fed by the loudest inputs are quantized first, while many columns remain to absorb their error.
+    Groups then are not contiguous in processing order; to keep the stored format (contiguous groups in the
+    original column order, one scale/zero per group) the group parameters are fixed up front from the
+    original weights ("static groups"). Without act_order, a group's scale and zero point are fitted when
+    its first column is reached, from the columns as already updated by the errors of earlier ones.
+
+    8-bit uses one symmetric scale per row fitted from the original row; 4-bit one asymmetric scale and
+    integer zero point per group of `group_size` columns. With H ∝ I (uncorrelated, equal-variance inputs)
+    U is diagonal, nothing is propagated, and the result equals round-to-nearest.
+    """
+    W = weight.detach().float().clone()  # (rows, cols)
+    rows, cols = W.shape
+    if bits == 4 and (cols % group_size or block_size % group_size):
+        raise ValueError(f"group_size={group_size} must divide in_features={cols} and block_size={block_size}")
+    H = H.detach().float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    grouped = bits == 4
+    g = group_size if grouped else cols
+
+    if grouped:
+        scales = torch.empty(rows, cols // g, device=W.device)
+        zeros = torch.empty(rows, cols // g, dtype=torch.uint8, device=W.device)
+    else:
+        scales, zeros = int8_scales(W, torch.float32), None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        if grouped:  # static groups, fitted from the original weights in the original order
+            scales, zeros = int4_params(W, g, torch.float32)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(cols, device=W.device)
+    group_of = perm // g  # group (in the stored order) of each processed column
+
+    U, damp_used = _inverse_hessian_factor(H, damp)
+    del H
+    codes = torch.empty(rows, cols, dtype=torch.int16, device=W.device)  # in processing order
+    loss = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, B): the block, updated column by column
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            w = W1[:, i]
+            gi = int(group_of[col])
+            if grouped and not act_order and col % g == 0:  # fit the group when its first column is reached
+                s_g, z_g = int4_params(W1[:, i:i + g], g, torch.float32)
+                scales[:, gi], zeros[:, gi] = s_g[:, 0], z_g[:, 0]
+            if grouped:
+                s, z = scales[:, gi], zeros[:, gi].float()
+                q = torch.clamp(torch.round(w / s) + z, 0, INT4_QMAX)
+                w_hat = (q - z) * s
+            else:
+                q = torch.clamp(torch.round(w / scales), -INT8_QMAX, INT8_QMAX)
+                w_hat = q * scales
+            codes[:, col] = q.to(torch.int16)
+            d = U1[i, i]
+            loss += (w - w_hat) ** 2 / d ** 2 / 2
+            err = (w - w_hat) / d  # (rows,)
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of every later column
+
+    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    codes = codes.to(torch.uint8 if grouped else torch.int8)
+    return QuantizedWeight(codes, scales, zeros, float(loss.sum()), damp_used)
+
+
+class _HessianAccumulator:
+    """Σ xxᵀ over calibration rows for several modules; modules fed the very same tensor in one forward
+    (q/k/v, gate/up) share one product per batch."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._batch: list[tuple[torch.Tensor, list[str]]] = []
+
+    def hook(self, name: str):
+        def fn(module, args):
+            x = args[0]
+            for seen, names in self._batch:
+                if seen is x:  # identity, not equality: the same activation object
+                    names.append(name)
+                    return
+            self._batch.append((x, [name]))
+        return fn
+
+    def flush(self) -> None:
+        for x, names in self._batch:
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, in)
+            xtx = x2.t() @ x2
+            for n in names:
+                if n in self.sums:
+                    self.sums[n] += xtx
+                else:
+                    self.sums[n] = xtx.clone()
+                self.rows[n] = self.rows.get(n, 0) + x2.shape[0]
+        self._batch.clear()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """H = 2/n · XᵀX; a module that saw no calibration rows (an expert no token was routed to) gets
+        H = I, for which GPTQ reduces to round-to-nearest."""
+        if not self.rows.get(name):
+            m = self.modules[name]
+            return torch.eye(m.in_features, device=m.weight.device)
+        return self.sums.pop(name) * (2.0 / self.rows[name])
+
+
+# Within a decoder layer, projections whose inputs depend on earlier projections of the same layer are
+# quantized after them ("true sequential"): q/k/v, then o, then gate/up, then down.
+_STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_first_layer_inputs(model: nn.Module, first: nn.Module, calib: Calibration) -> list[tuple]:
+    """(args, kwargs) of the first decoder layer for every calibration batch; the forward stops there."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in calib.batches():
+                try:
+                    model(ids.to(device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _stages(layer_targets: dict[str, nn.Module]) -> list[list[str]]:
+    order = {short: i for i, stage in enumerate(_STAGES) for short in stage}
+    by_stage: dict[int, list[str]] = {}
+    for name in layer_targets:
+        by_stage.setdefault(order.get(name.rsplit(".", 1)[-1], len(_STAGES)), []).append(name)
+    return [by_stage[k] for k in sorted(by_stage)]
+
+
+@register_pass("quant.gptq", GPTQConfig, needs_calibration=True, restructure=restructure)
+def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = None) -> tuple[nn.Module, dict]:
+    """GPTQ weight quantization (int8 per channel or int4 grouped) from calibration activations."""
+    if calib is None:
+        raise PassError("quant.gptq: needs calibration data (input Hessians); pass a Calibration / --data DATASET")
+    targets, skipped = find_quant_targets(model, cfg)
+    before = {n: _module_bytes(m) for n, m in targets.items()}
+    layers_report: dict[str, dict] = {}
+
+    def quantize(name: str, H: torch.Tensor, X_rows: int) -> None:
+        linear = targets[name]
+        qw = gptq_quantize(linear.weight, H, bits=cfg.bits, group_size=cfg.group, act_order=cfg.act_order,
+                           damp=cfg.damp, block_size=cfg.block_size)
+        scales = qw.scales.to(linear.weight.dtype)
+        set_module(model, name, _quantized_module(linear, cfg, qw.codes, scales, qw.zeros, cfg.pass_name))
+        layers_report[name] = {"loss": qw.loss, "damp": qw.damp, "calibration_rows": X_rows}
+
+    try:
+        layers = list(decoder_layers(model))
+    except AttributeError:
+        layers = []
+    done: set[str] = set()
+    with torch.no_grad():
+        if layers:
+            inputs = _capture_first_layer_inputs(model, layers[0], calib)
+            owner = {id(sub): i for i, layer in enumerate(layers) for sub in layer.modules()}
+            for i, layer in enumerate(layers):
+                here = {n: m for n, m in targets.items() if owner.get(id(m)) == i}
+                for stage in _stages(here):
+                    acc = _HessianAccumulator({n: here[n] for n in stage})
+                    handles = [here[n].register_forward_pre_hook(acc.hook(n)) for n in stage]
+                    try:
+                        for args, kwargs in inputs:
+                            layer(*args, **kwargs)
+                            acc.flush()
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    for n in stage:
+                        quantize(n, acc.hessian(n), acc.rows.get(n, 0))
+                        done.add(n)
+                if i + 1 < len(layers):  # the next layer sees this one's quantized output
+                    inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+            del inputs
+        rest = {n: m for n, m in targets.items() if n not in done}
+        if rest:  # outside the decoder layers (lm_head): one full forward through the quantized model
+            acc = _HessianAccumulator(rest)
+
+            def observe(name: str, x: torch.Tensor) -> None:
+                acc._batch.append((x, [name]))
+                acc.flush()
+
+            collect_inputs(model, rest, calib, observe)
+            for n in rest:
+                quantize(n, acc.hessian(n), acc.rows.get(n, 0))
+    order = "descending Hessian diagonal (act_order)" if cfg.act_order else "natural"
+    return model, _report(cfg, "gptq", before, model, skipped, act_order=cfg.act_order, damp=cfg.damp,
+                          block_size=cfg.block_size, column_order=order, layers=layers_report,
+                          calibration="sequential by decoder layer and by projection stage inside each layer "
+                                      "(each stage sees the already-quantized ones before it)")
