@@ -1,0 +1,218 @@
+"""The stage kinds a recipe can use. Each is an options dataclass (its fields are the YAML keys under `with:`)
+plus a function that runs it into its output directory and returns the metrics recorded in `.stage.json`.
+
+Training stages (`train`, `distill`, `sft`, `dpo`) also accept every `TrainConfig` field (steps, lr,
+batch_size, seq_len, time_budget_s, ...) beside their own options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .recipe import RecipeError, RunContext
+
+
+@dataclass(frozen=True)
+class StageKind:
+    options: type  # a dataclass
+    run: Callable[[Any, Path, RunContext], dict]
+    artifact: Callable[[Path], Path] = lambda out: out
+    trains: bool = False  # accepts TrainConfig fields
+
+    def split(self, options: dict, where: str) -> tuple[Any, dict]:
+        from ..train import TrainConfig
+
+        own = {f.name for f in dataclasses.fields(self.options)}
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)} if self.trains else set()
+        unknown = set(options) - own - train_fields
+        if unknown:
+            known = sorted(own | train_fields)
+            raise RecipeError(f"{where}: unknown option(s) {sorted(unknown)}; this stage takes {', '.join(known)}")
+        try:
+            mine = self.options(**{k: v for k, v in options.items() if k in own})
+        except TypeError as e:  # a required option is missing
+            raise RecipeError(f"{where}: {e}") from None
+        train = {k: v for k, v in options.items() if k in train_fields}
+        if train:
+            try:
+                TrainConfig(**train)
+            except ValueError as e:
+                raise RecipeError(f"{where}: {e}") from None
+        return mine, train
+
+    def check(self, options: dict, where: str) -> None:
+        self.split(options, where)
+
+    def execute(self, options: dict, out: Path, ctx: RunContext, where: str) -> dict:
+        mine, train = self.split(options, where)
+        return self.run(mine, out, ctx, train) if self.trains else self.run(mine, out, ctx)
+
+
+def _train_config(train: dict, ctx: RunContext):
+    from ..train import TrainConfig
+
+    return TrainConfig(**{"log_every": 10, "save_every": 100, **train})
+
+
+def _last_eval(result) -> dict:
+    last = result.evals[-1] if result.evals else {}
+    return {k: v for k, v in last.items() if k.startswith("val_")}
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+@dataclass
+class DataOptions:
+    sources: list = field(default_factory=list)  # none: the default domain
+    vocab_size: int = 8192
+    val_fraction: float = 0.01
+    max_bytes: int | None = None
+    scrub_pii: bool = False
+    tokenizer: str | None = None
+    text_field: str = "text"
+
+
+def run_data(opts: DataOptions, out: Path, ctx: RunContext) -> dict:
+    from ..data import build_dataset
+
+    meta = build_dataset(list(opts.sources), out, text_field=opts.text_field, vocab_size=opts.vocab_size,
+                         val_fraction=opts.val_fraction, scrub_pii=opts.scrub_pii, tokenizer=opts.tokenizer,
+                         max_bytes=opts.max_bytes, progress=not ctx.quiet)
+    return {"documents": meta["documents"], "bytes": meta["bytes"], "vocab_size": meta["vocab_size"],
+            **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()}}
+
+
+# -- training stages -------------------------------------------------------------------------------
+
+@dataclass
+class TrainOptions:
+    data: str
+    model: Any = "tiny"  # a preset name, a model YAML path, a checkpoint directory, or an inline mapping
+
+
+def run_train(opts: TrainOptions, out: Path, ctx: RunContext, train: dict) -> dict:
+    import yaml
+
+    from ..train.pretrain import pretrain
+
+    model = opts.model
+    if isinstance(model, dict):  # inline architecture: keep it beside the checkpoint
+        spec = out / "model.yaml"
+        spec.write_text(yaml.safe_dump(model))
+        model = str(spec)
+    result = pretrain(opts.data, model, out, _train_config(train, ctx), resume=ctx.resume, quiet=ctx.quiet)
+    return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+            "final_loss": result.final_loss, **_last_eval(result)}
+
+
+@dataclass
+class DistillOptions:
+    teacher: str
+    data: str
+    student: Any = "teacher:2"
+    cache: str | None = None
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    on_policy: float = 0.0
+    hidden_weight: float = 0.0
+    layer_map: str | None = None
+
+
+def run_distill(opts: DistillOptions, out: Path, ctx: RunContext, train: dict) -> dict:
+    import yaml
+
+    from ..distill.run import distill
+    from ..distill.steps import KDConfig
+
+    student = opts.student
+    if isinstance(student, dict):
+        spec = out / "student.yaml"
+        spec.write_text(yaml.safe_dump(student))
+        student = str(spec)
+    kd = KDConfig(loss=opts.loss, temperature=opts.temperature, alpha=opts.alpha, beta=opts.beta,
+                  on_policy=opts.on_policy, hidden_weight=opts.hidden_weight, layer_map=opts.layer_map)
+    result = distill(opts.teacher, student, opts.data, out, _train_config(train, ctx), kd, cache=opts.cache,
+                     resume=ctx.resume, quiet=ctx.quiet)
+    return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+            **_last_eval(result)}
+
+
+# -- compression -----------------------------------------------------------------------------------
+
+@dataclass
+class CompressOptions:
+    ckpt: str
+    passes: list
+    data: str | None = None
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    eval_tokens: int = 32768
+
+
+def run_compress(opts: CompressOptions, out: Path, ctx: RunContext) -> dict:
+    from ..compress.run import compress, parse_pass
+
+    if not opts.passes:
+        raise RecipeError(f"{ctx.recipe.source}: a compress stage needs at least one pass")
+    rows = compress(opts.ckpt, out, [parse_pass(str(p)) for p in opts.passes], data=opts.data,
+                    calib_samples=opts.calib_samples, calib_seq_len=opts.calib_seq_len,
+                    eval_tokens=opts.eval_tokens, speed=False)
+    last = rows[-1]
+    return {k: last[k] for k in ("parameters", "nonzero", "bytes", "bits_per_byte") if k in last}
+
+
+# -- measurement -----------------------------------------------------------------------------------
+
+@dataclass
+class EvalOptions:
+    ckpt: str
+    data: str | None = None
+    tasks: list = field(default_factory=lambda: ["lm"])
+    items: int = 200
+    max_tokens: int | None = 65536
+    seq_len: int = 256
+    max_new_tokens: int = 128
+
+
+def run_eval(opts: EvalOptions, out: Path, ctx: RunContext) -> dict:
+    from ..evaluate.suite import SuiteConfig, evaluate_checkpoint, parse_tasks
+
+    cfg = SuiteConfig(seq_len=opts.seq_len, max_tokens=opts.max_tokens, items=opts.items,
+                      max_new_tokens=opts.max_new_tokens)
+    res = evaluate_checkpoint(opts.ckpt, parse_tasks(list(opts.tasks)), data=opts.data, cfg=cfg)
+    (out / "eval.json").write_text(json.dumps(res, indent=2))
+    return res["summary"]
+
+
+@dataclass
+class BenchOptions:
+    ckpt: str
+    prompt_len: int = 128
+    new_tokens: int = 64
+    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    repeats: int = 5
+
+
+def run_bench(opts: BenchOptions, out: Path, ctx: RunContext) -> dict:
+    from ..evaluate.bench import BenchConfig, bench_in_subprocess
+
+    res = bench_in_subprocess(opts.ckpt, BenchConfig(prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
+                                                     batch_sizes=tuple(opts.batch_sizes), repeats=opts.repeats))
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    return {k: v for k, v in res.items() if isinstance(v, (int, float))}
+
+
+STAGES: dict[str, StageKind] = {
+    "data": StageKind(DataOptions, run_data),
+    "train": StageKind(TrainOptions, run_train, trains=True),
+    "distill": StageKind(DistillOptions, run_distill, trains=True),
+    "compress": StageKind(CompressOptions, run_compress),
+    "eval": StageKind(EvalOptions, run_eval, artifact=lambda out: out / "eval.json"),
+    "bench": StageKind(BenchOptions, run_bench, artifact=lambda out: out / "bench.json"),
+}
