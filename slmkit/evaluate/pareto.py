@@ -140,9 +140,9 @@ def recommend(rows: list[dict], budget: list[Constraint], objective: str = "bits
     best = min(feasible, key=lambda i: (sign * rows[i][objective], rows[i].get("bytes_on_disk", 0)))
     inside = f"inside the budget ({', '.join(c.text for c in budget)})" if budget else "with no budget given"
     reasons = [f"{names[best]} has the {'lowest' if d == 'min' else 'highest'} {objective} "
-               f"({rows[best][objective]:.4g}) of the {len(feasible)} candidates {inside}"]
+               f"({rows[best][objective]:.5g}) of the {len(feasible)} candidates {inside}"]
     better = [i for i, r in enumerate(rows) if i not in feasible and _finite(r.get(objective))
               and sign * r[objective] < sign * rows[best][objective]]
     for i in better:
-        reasons.append(f"{names[i]} scores better ({rows[i][objective]:.4g}) but breaks {broken(rows[i])}")
+        reasons.append(f"{names[i]} scores better ({rows[i][objective]:.5g}) but breaks {broken(rows[i])}")
     return Recommendation(best, feasible, reasons)

@@ -78,7 +78,7 @@ class RunContext:
 
 # -- loading -----------------------------------------------------------------------------------------
 
-def load_recipe(path: str | Path, *, workdir: str | Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, *, workdir: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -86,7 +86,38 @@ def load_recipe(path: str | Path, *, workdir: str | Path | None = None) -> Recip
         raise RecipeError(f"{path}: no such recipe file") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({e})") from None
-    return recipe_from_dict(data, source=str(path), workdir=workdir)
+    return recipe_from_dict(apply_overrides(data, overrides, str(path)), source=str(path), workdir=workdir)
+
+
+def apply_overrides(data: Any, overrides: list[str], source: str = "<recipe>") -> Any:
+    """`STAGE.OPTION=VALUE` (VALUE read as YAML: `teacher.steps=20`, `select.tasks=[lm]`); `*.OPTION=VALUE`
+    sets the option on every stage that already has it."""
+    if not overrides:
+        return data
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        raise RecipeError(f"{source}: overrides need a recipe with a list of stages")
+    stages = {str(s.get("name") or s.get("kind")): s for s in data["stages"] if isinstance(s, dict)}
+    for item in overrides:
+        target, eq, raw = item.partition("=")
+        stage, dot, option = target.partition(".")
+        if not eq or not dot or not option:
+            raise RecipeError(f"override {item!r} is not STAGE.OPTION=VALUE (e.g. teacher.steps=20)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        if stage == "*":
+            for s in stages.values():
+                if option in (s.get("with") or {}):
+                    s["with"][option] = value
+            continue
+        if stage not in stages:
+            raise RecipeError(f"override {item!r}: no stage named {stage!r} (stages: {', '.join(stages)})")
+        stages[stage].setdefault("with", {})
+        if stages[stage]["with"] is None:
+            stages[stage]["with"] = {}
+        stages[stage]["with"][option] = value
+    return data
 
 
 def recipe_from_dict(data: Any, *, source: str = "<recipe>", workdir: str | Path | None = None) -> Recipe:
@@ -232,7 +263,9 @@ def run_recipe(recipe: Recipe, *, force: tuple[str, ...] = (), until: str | None
     for i, spec in enumerate(recipe.stages):
         kind = STAGES[spec.kind]
         key = stage_key(spec, keys)
-        if spec.name in force or forced_upstream:
+        if kind.always:
+            key = hashlib.sha256(f"{key}:always:{time.time_ns()}".encode()).hexdigest()
+        elif spec.name in force or forced_upstream:
             key = hashlib.sha256(f"{key}:forced:{time.time_ns()}".encode()).hexdigest()
             forced_upstream = True
         keys[spec.name] = key

@@ -22,6 +22,7 @@ class StageKind:
     run: Callable[[Any, Path, RunContext], dict]
     artifact: Callable[[Path], Path] = lambda out: out
     trains: bool = False  # accepts TrainConfig fields
+    always: bool = False  # never cached (cheap stages that summarise the whole run, e.g. report)
 
     def split(self, options: dict, where: str) -> tuple[Any, dict]:
         from ..train import TrainConfig
@@ -208,6 +209,102 @@ def run_bench(opts: BenchOptions, out: Path, ctx: RunContext) -> dict:
     return {k: v for k, v in res.items() if isinstance(v, (int, float))}
 
 
+@dataclass
+class SelectOptions:
+    candidates: Any  # a list of checkpoints ("@stage" or paths; named by directory) or a mapping name -> checkpoint
+    data: str | None = None
+    budget: str | None = None  # e.g. "bytes<=20MB,decode_ms<=5"
+    objective: str = "bpb"
+    tasks: list = field(default_factory=lambda: ["lm"])
+    references: dict = field(default_factory=dict)  # measured and shown, never recommended (e.g. the teacher)
+    items: int = 200
+    max_tokens: int | None = 65536
+    seq_len: int = 256
+    max_new_tokens: int = 128
+    bench_prompt_len: int = 128
+    bench_new_tokens: int = 64
+    bench_repeats: int = 5
+
+
+def _named(value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    return {Path(str(v)).name: str(v) for v in value}
+
+
+def run_select(opts: SelectOptions, out: Path, ctx: RunContext) -> dict:
+    from ..evaluate.bench import BenchConfig
+    from ..evaluate.select import MeasureConfig, choose, measure
+    from ..evaluate.suite import SuiteConfig, parse_tasks
+
+    cfg = MeasureConfig(tasks=parse_tasks(list(opts.tasks)),
+                        suite=SuiteConfig(seq_len=opts.seq_len, max_tokens=opts.max_tokens, items=opts.items,
+                                          max_new_tokens=opts.max_new_tokens),
+                        bench=BenchConfig(prompt_len=opts.bench_prompt_len, new_tokens=opts.bench_new_tokens,
+                                          repeats=opts.bench_repeats))
+    cache = ctx.recipe.workdir / ".measure-cache"
+    candidates = _named(opts.candidates)
+    refs = {n: measure(p, opts.data, cfg, cache, log=ctx.log) for n, p in _named(opts.references).items()}
+    rows = [measure(p, opts.data, cfg, cache, log=ctx.log) for p in candidates.values()]
+    selection = choose(rows, list(candidates), opts.budget, opts.objective, refs)
+    (out / "selection.json").write_text(json.dumps(selection, indent=2))
+    rec = selection["recommended"]
+    for reason in selection["reasons"]:
+        ctx.log(f"      {reason}")
+    return {"recommended": rec, "feasible": len(selection["feasible"]), "candidates": len(rows)}
+
+
+def _selected(out: Path) -> Path:
+    sel = json.loads((out / "selection.json").read_text())
+    rec = sel.get("recommended")
+    return Path(sel["candidates"][rec]["checkpoint"]) if rec else out
+
+
+@dataclass
+class ReportOptions:
+    title: str = "slmkit report"
+    select: str | None = None  # the select stage to report (default: the last one)
+
+
+def run_report(opts: ReportOptions, out: Path, ctx: RunContext) -> dict:
+    from ..evaluate.bench import machine_description
+    from ..evaluate.report import write_report
+
+    records = [dataclasses.asdict(r) for r in ctx.records.values()]
+    chosen = [r for r in records if r["kind"] == "select" and (opts.select is None or r["name"] == opts.select)]
+    if opts.select and not chosen:
+        raise RecipeError(f"{ctx.recipe.source}: report: no select stage named {opts.select!r}")
+    selection = None
+    if chosen:
+        selection = json.loads((ctx.recipe.workdir / chosen[-1]["name"] / "selection.json").read_text())
+    paths = write_report(out, title=opts.title, records=records, selection=selection,
+                         machine=machine_description(), recipe_source=ctx.recipe.source,
+                         wall_seconds=sum(r["seconds"] for r in records if not r["cached"]))
+    return {"report": str(paths["html"])}
+
+
+@dataclass
+class ExportOptions:
+    ckpt: str
+    format: str = "hf"  # hf | gguf
+    type: str = "f16"  # gguf tensor type: f32 | f16 | q8_0 | q4_0
+
+
+def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
+    if opts.format == "hf":
+        from ..export import export_hf
+
+        export_hf(opts.ckpt, out)
+        return {"format": "hf", "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+    if opts.format == "gguf":
+        from ..export.gguf import export_gguf
+
+        target = out / f"model-{opts.type}.gguf"
+        export_gguf(opts.ckpt, target, opts.type)
+        return {"format": "gguf", "type": opts.type, "bytes": target.stat().st_size}
+    raise RecipeError(f"{ctx.recipe.source}: export format must be hf or gguf, not {opts.format!r}")
+
+
 STAGES: dict[str, StageKind] = {
     "data": StageKind(DataOptions, run_data),
     "train": StageKind(TrainOptions, run_train, trains=True),
@@ -215,4 +312,7 @@ STAGES: dict[str, StageKind] = {
     "compress": StageKind(CompressOptions, run_compress),
     "eval": StageKind(EvalOptions, run_eval, artifact=lambda out: out / "eval.json"),
     "bench": StageKind(BenchOptions, run_bench, artifact=lambda out: out / "bench.json"),
+    "select": StageKind(SelectOptions, run_select, artifact=_selected),
+    "export": StageKind(ExportOptions, run_export),
+    "report": StageKind(ReportOptions, run_report, artifact=lambda out: out / "report.html", always=True),
 }
