@@ -13,6 +13,7 @@ Task names:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -45,15 +46,20 @@ def parse_tasks(text: str | list[str] | None) -> list[str]:
     return tasks
 
 
-def builtin_task(name: str, cfg: SuiteConfig) -> TaskData:
-    """The default domain's held-out tasks (see `slmkit.data.default_tasks`)."""
+@functools.lru_cache(maxsize=8)  # a selection scores several candidates on the same items
+def builtin_task(name: str, cfg: SuiteConfig, val_fraction: float | None = None) -> TaskData:
+    """The default domain's held-out tasks (see `slmkit.data.default_tasks`). Items come from the files the
+    dataset held out: pass the dataset's `val_fraction` (a smaller one than training used is safe, a larger
+    one would draw from training files)."""
     from ..data import default_tasks
     from .tasks import ChoiceItem, GenerationItem
 
+    vf = val_fraction or default_tasks.DEFAULT_VAL_FRACTION
     if name == "next-line":
-        raw = default_tasks.next_line_items(limit=cfg.items, seed=cfg.seed)
-        return TaskData(name, "choice", [ChoiceItem(r.context, list(r.choices), r.gold) for r in raw])
-    raw = default_tasks.function_prompts(limit=cfg.items)
+        raw = default_tasks.next_line_items(limit=cfg.items, seed=cfg.seed, val_fraction=vf)
+        items = [ChoiceItem(r.context, list(r.choices), r.answer) for r in raw]
+        return TaskData(name, "choice", items)
+    raw = default_tasks.function_prompts(limit=cfg.items, seed=cfg.seed, val_fraction=vf)
     return TaskData(name, "generation", [GenerationItem(r.prompt, r.body) for r in raw])
 
 
@@ -79,7 +85,8 @@ def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig
             summary.update(bits_per_byte=res["bits_per_byte"], perplexity=res["perplexity"], accuracy=res["accuracy"])
         else:
             path, _, scorer = name.partition("@")
-            task = builtin_task(name, cfg) if name in BUILTIN_TASKS else load_task_file(path)
+            vf = data.meta.get("val_fraction") if data is not None else None
+            task = builtin_task(name, cfg, vf) if name in BUILTIN_TASKS else load_task_file(path)
             if task.kind == "choice":
                 res = score_choice_task(model, tokenizer, task.items, batch_size=cfg.batch_size, bos_id=bos,
                                         progress=progress)

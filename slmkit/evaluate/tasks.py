@@ -246,9 +246,9 @@ def score_generation_task(model, tokenizer, items: list[GenerationItem], *, scor
             raise TaskError(f"rouge-l needs a 'reference' on every item; item {missing[0]} has none")
         verify = None
     else:
-        from ..align.verifiers import make_verifier
+        from ..align.verifiers import build_verifier
 
-        verify = make_verifier(scorer)
+        verify = build_verifier(scorer, tokenizer=tokenizer)
     limit = model.config.max_position_embeddings - max_new_tokens
     if limit < 1:
         raise TaskError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
@@ -260,11 +260,13 @@ def score_generation_task(model, tokenizer, items: list[GenerationItem], *, scor
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         prompts = [_fit_prompt(tokenizer, it.prompt, limit - 1) for it in chunk]
-        for it, prompt, res in zip(chunk, prompts, generate(model, tokenizer, prompts, params)):
-            if verify is None:
+        results = generate(model, tokenizer, prompts, params)
+        verdicts = verify.score_batch(prompts, [r.text for r in results]) if verify is not None else None
+        for k, (it, res) in enumerate(zip(chunk, results)):
+            if verdicts is None:
                 score, passed, reason = rouge_l(res.text, it.reference or ""), None, ""
             else:
-                v = verify(prompt, res.text)
+                v = verdicts[k]
                 score, passed, reason = float(v.score), bool(v.passed), v.reason
             outputs.append({"prompt": it.prompt, "completion": res.text, "score": score, "passed": passed,
                             "reason": reason})

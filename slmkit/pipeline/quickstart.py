@@ -1,14 +1,18 @@
-"""`slm quickstart`: the main job on the default domain, end to end, with no arguments.
+"""`slm quickstart`: the built-in recipe (`slmkit/recipes/quickstart.yaml`) on the default domain.
 
-data (Python stdlib + pydoc topics) -> byte-level BPE tokenizer -> a small Llama-style model trained for a
-few minutes -> held-out bits per byte -> a few samples -> a summary table, all under one output directory.
+data (Python stdlib + pydoc topics) -> a teacher trained from scratch -> a smaller student distilled from it ->
+preference pairs from the student's own samples on held-out function prompts, judged by `ast.parse` -> DPO ->
+int8 and int4 variants -> every candidate measured (held-out bits per byte, next-line accuracy, parse rate,
+size, decode speed, memory) beside the teacher -> the recommendation inside the budget -> report.md/html.
+
+It is an ordinary recipe run, so an interrupted quickstart resumes where it stopped and a second run reuses
+everything. `--profile tiny` runs the same stages scaled down (about a minute) for tests and smoke checks.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -16,127 +20,91 @@ from rich.table import Table
 
 console = Console()
 
-
-@dataclass(frozen=True)
-class QuickstartProfile:
-    max_bytes: int | None
-    vocab_size: int
-    preset: str
-    seq_len: int
-    batch_size: int
-    time_budget_s: float | None
-    steps: int
-    eval_tokens: int
-    eval_every: int
-    lr: float
-    sample_tokens: int
-
-
-PROFILES = {
-    # About 8 minutes on a 2-core CPU, 7 of them training. At this budget a ~2M-parameter model that sees
-    # ~1.5M tokens beats a 7M one that sees a third as many (measured: held-out bits/byte).
-    "default": QuickstartProfile(max_bytes=None, vocab_size=8192, preset="tiny", seq_len=256,
-                                 batch_size=16, time_budget_s=420, steps=100_000, eval_tokens=65536,
-                                 eval_every=0, lr=3e-3, sample_tokens=48),
-    # About a minute: the same stages on a slice of the corpus, for tests and smoke checks.
-    "tiny": QuickstartProfile(max_bytes=300_000, vocab_size=512, preset="micro", seq_len=128, batch_size=8,
-                              time_budget_s=None, steps=30, eval_tokens=8192, eval_every=0, lr=3e-3,
-                              sample_tokens=16),
+PROFILES: dict[str, list[str]] = {
+    "default": [],
+    # The same stages on a slice of the corpus with micro models. The pairs use another verifier here: an
+    # untrained micro model almost never writes code that parses, and DPO needs pairs to learn from, so they are
+    # ranked by the teacher's log-likelihood (graded: the best and worst sample of each prompt make a pair).
+    "tiny": ["data.max_bytes=300000", "data.vocab_size=512", "data.val_fraction=0.05",
+             "*.time_budget_s=null", "*.seq_len=128", "*.batch_size=8", "*.eval_tokens=4096",
+             "teacher.model=micro", "teacher.steps=30", "student.student=micro", "student.steps=10",
+             "pairs.limit=8", "pairs.max_new_tokens=24", "pairs.verifier=teacher:ckpt=@teacher",
+             "aligned.steps=4", "aligned.batch_size=4",
+             "select.items=16", "select.max_new_tokens=24", "select.max_tokens=4096", "select.seq_len=128",
+             "select.bench_prompt_len=16", "select.bench_new_tokens=8", "select.bench_repeats=1",
+             "select.budget=bytes<=150KB"],
 }
 
-SAMPLE_PROMPTS = ["def read_config(path):\n", "import os\n\n\nclass ", "The `with` statement"]
+COLUMNS = [("bytes_on_disk", "bytes"), ("decode_tok_s_b1", "decode tok/s"), ("bits_per_byte", "bits/byte"),
+           ("next_line_acc", "next-line acc"), ("parse_rate", "parse rate")]
 
 
-def run_quickstart(out: str | Path, *, profile: str = "default") -> dict:
-    from ..checkpoint import load_checkpoint
-    from ..data import build_dataset, open_dataset, token_byte_lengths
-    from ..evaluate.lm import evaluate_lm
-    from ..serve.generate import SamplingParams, generate
-    from ..train import TrainConfig
-    from ..train.pretrain import pretrain
+def run_quickstart(out: str | Path, *, profile: str = "default", force: tuple[str, ...] = ()) -> dict:
+    from .recipe import load_recipe, run_recipe
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    p = PROFILES[profile]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    console.rule("[bold]1/4 data: Python standard library + pydoc topics")
+    recipe = load_recipe("quickstart", workdir=out, overrides=PROFILES[profile])
     t0 = time.perf_counter()
-    data_dir = out / "data"
-    if (data_dir / "meta.json").exists():
-        console.print(f"reusing dataset {data_dir}")
-    else:
-        build_dataset([], data_dir, vocab_size=p.vocab_size, val_fraction=0.02, max_bytes=p.max_bytes)
-    ds = open_dataset(data_dir)
-    timings["data"] = time.perf_counter() - t0
-    console.print(f"{ds.meta['documents']:,} documents, {ds.meta['bytes']:,} bytes, "
-                  f"{len(ds.split('train')):,} train / {len(ds.split('val')):,} held-out tokens")
-
-    console.rule(f"[bold]2/4 train: preset {p.preset!r}")
-    t0 = time.perf_counter()
-    model_dir = out / "model"
-    cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
-                      warmup_steps=min(30, p.steps // 5), time_budget_s=p.time_budget_s, eval_every=p.eval_every,
-                      eval_tokens=p.eval_tokens, save_every=100, log_every=5)
-    result = pretrain(data_dir, p.preset, model_dir, cfg)
-    timings["train"] = time.perf_counter() - t0
-
-    console.rule("[bold]3/4 evaluate on held-out documents")
-    t0 = time.perf_counter()
-    ck = load_checkpoint(model_dir)
-    lengths = token_byte_lengths(ds.tokenizer())
-    metrics = evaluate_lm(ck.model, ds.split("val"), lengths, seq_len=p.seq_len, max_tokens=p.eval_tokens * 2)
-    untrained = _untrained_baseline(ck, ds, lengths, p)
-    timings["eval"] = time.perf_counter() - t0
-
-    console.rule("[bold]4/4 samples")
-    t0 = time.perf_counter()
-    tok = ck.tokenizer()
-    params = SamplingParams(max_new_tokens=p.sample_tokens, temperature=0.7, top_p=0.95, seed=0)
-    samples = generate(ck.model, tok, SAMPLE_PROMPTS, params)
-    decode_tok_s = sum(s.completion_tokens for s in samples) / max(samples[0].decode_seconds, 1e-9)
-    for prompt, s in zip(SAMPLE_PROMPTS, samples):
-        console.rule(repr(prompt), style="dim")
-        console.print(prompt + s.text, markup=False, highlight=False)
-    timings["samples"] = time.perf_counter() - t0
-
-    summary = {
-        "profile": profile, "dataset": str(data_dir), "checkpoint": str(model_dir),
-        "parameters": ck.model.num_parameters(), "train_steps": result.steps, "train_tokens": result.tokens,
-        "train_tok_per_s": result.tokens / max(result.seconds, 1e-9),
-        "val_bits_per_byte": metrics["bits_per_byte"], "val_perplexity": metrics["perplexity"],
-        "val_accuracy": metrics["accuracy"], "untrained_bits_per_byte": untrained,
-        "decode_tok_per_s_batch3": decode_tok_s, "seconds": timings,
-        "samples": [{"prompt": pr, "completion": s.text} for pr, s in zip(SAMPLE_PROMPTS, samples)],
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print_summary(summary, out)
+    records = run_recipe(recipe, force=force, quiet=profile == "tiny",
+                         log=lambda m: console.print(m, markup=False, highlight=False))
+    wall = time.perf_counter() - t0
+    selection = json.loads((recipe.workdir / "select" / "selection.json").read_text())
+    summary = {"profile": profile, "workdir": str(recipe.workdir), "wall_seconds": round(wall, 1),
+               "stages": {r.name: {"seconds": r.seconds, "cached": r.cached, "output": r.output} for r in records},
+               "recommended": selection["recommended"], "reasons": selection["reasons"],
+               "models": {**{f"{n} (teacher)" if n == "teacher" else n: r
+                             for n, r in selection["references"].items()}, **selection["candidates"]},
+               "report": str(recipe.workdir / "report" / "report.html")}
+    summary["versus_teacher"] = _versus_teacher(selection)
+    (recipe.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary)
     return summary
 
 
-def _untrained_baseline(ck, ds, lengths, p: QuickstartProfile) -> float:
-    """Bits per byte of the same architecture with random weights: the floor the training moved from."""
-    import torch
+def _versus_teacher(selection: dict) -> dict | None:
+    """The recommended model against the teacher: how many times fewer bytes, how many times faster decode,
+    and what share of the teacher's next-line accuracy it keeps."""
+    rec, teacher = selection.get("recommended"), selection.get("references", {}).get("teacher")
+    if not rec or not teacher:
+        return None
+    r = selection["candidates"][rec]
+    out = {"bytes_ratio": teacher["bytes_on_disk"] / r["bytes_on_disk"],
+           "decode_speedup": r["decode_tok_s_b1"] / teacher["decode_tok_s_b1"]}
+    if teacher.get("next_line_acc"):
+        out["next_line_acc_share"] = r.get("next_line_acc", 0.0) / teacher["next_line_acc"]
+    return out
 
-    from ..evaluate.lm import evaluate_lm
-    from ..model import CausalLM
 
-    torch.manual_seed(0)
-    fresh = CausalLM(ck.config)
-    return evaluate_lm(fresh, ds.split("val"), lengths, seq_len=p.seq_len, max_tokens=p.eval_tokens)["bits_per_byte"]
+def _fmt(field: str, v) -> str:
+    if v is None:
+        return "–"
+    if field == "bytes_on_disk":
+        return f"{v / 1e6:.2f} MB"
+    if field in ("next_line_acc", "parse_rate"):
+        return f"{v:.1%}"
+    if field == "bits_per_byte":
+        return f"{v:.3f}"
+    return f"{v:,.0f}"
 
 
-def _print_summary(s: dict, out: Path) -> None:
-    t = Table(title="slmkit quickstart", show_header=False)
-    t.add_row("model", f"{s['parameters']:,} parameters, {s['train_steps']} steps, {s['train_tokens']:,} tokens "
-                       f"({s['train_tok_per_s']:,.0f} tok/s)")
-    t.add_row("held-out bits/byte", f"{s['val_bits_per_byte']:.3f} (untrained: {s['untrained_bits_per_byte']:.3f})")
-    t.add_row("held-out perplexity", f"{s['val_perplexity']:.2f}")
-    t.add_row("next-token accuracy", f"{s['val_accuracy']:.1%}")
-    t.add_row("decode", f"{s['decode_tok_per_s_batch3']:.0f} tokens/s (batch of 3)")
-    t.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()))
+def _print_summary(s: dict) -> None:
+    t = Table(title=f"slmkit quickstart ({s['profile']}): {s['wall_seconds'] / 60:.1f} min")
+    t.add_column("model")
+    for _, header in COLUMNS:
+        t.add_column(header, justify="right")
+    for name, row in s["models"].items():
+        label = f"{name} ★" if name == s["recommended"] else name
+        t.add_row(label, *[_fmt(f, row.get(f)) for f, _ in COLUMNS])
     console.print(t)
-    console.print(f"dataset:    {s['dataset']}\ncheckpoint: {s['checkpoint']}  "
-                  f"(try: slm generate {s['checkpoint']} \"def \")\nsummary:    {out / 'summary.json'}")
+    vs = s.get("versus_teacher")
+    if vs:
+        line = f"recommended {s['recommended']}: {vs['bytes_ratio']:.1f}x fewer bytes, {vs['decode_speedup']:.1f}x decode speed"
+        if "next_line_acc_share" in vs:
+            line += f", {vs['next_line_acc_share']:.0%} of the teacher's next-line accuracy"
+        console.print(line)
+    for reason in s["reasons"]:
+        console.print(f"- {reason}", markup=False, highlight=False)
+    stages = ", ".join(f"{n} {v['seconds']:.0f}s" + (" (cached)" if v["cached"] else "") for n, v in s["stages"].items())
+    console.print(f"stages: {stages}", markup=False, highlight=False)
+    console.print(f"report: {s['report']}\nsummary: {Path(s['workdir']) / 'summary.json'}")

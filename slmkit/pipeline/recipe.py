@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +79,22 @@ class RunContext:
 
 # -- loading -----------------------------------------------------------------------------------------
 
+BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
+
+
 def load_recipe(path: str | Path, *, workdir: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """A recipe file, or a built-in recipe by name (`quickstart`, `distill-compress-select`)."""
     path = Path(path)
+    if not path.exists() and path.suffix == "" and (BUILTIN_RECIPES / f"{path}.yaml").exists():
+        path = BUILTIN_RECIPES / f"{path}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
+        raise RecipeError(f"{path}: no such recipe file (built-in recipes: {', '.join(builtin_recipes())})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({e})") from None
     return recipe_from_dict(apply_overrides(data, overrides, str(path)), source=str(path), workdir=workdir)
@@ -164,10 +175,15 @@ def recipe_from_dict(data: Any, *, source: str = "<recipe>", workdir: str | Path
     return Recipe(name, root, stages, source)
 
 
+_EMBEDDED = re.compile(r"(?<==)@([A-Za-z0-9_-]+)")  # "teacher:ckpt=@teacher": a reference inside an option string
+
+
 def references(value: Any) -> list[str]:
-    """Stage names referred to as "@name" anywhere inside `value`."""
+    """Stage names referred to as "@name" anywhere inside `value` (a whole string, or after `=` in one)."""
     if isinstance(value, str):
-        return [value[1:]] if value.startswith("@") and len(value) > 1 else []
+        if value.startswith("@") and len(value) > 1:
+            return [value[1:]]
+        return _EMBEDDED.findall(value)
     if isinstance(value, dict):
         return [r for v in value.values() for r in references(v)]
     if isinstance(value, (list, tuple)):
@@ -179,6 +195,8 @@ def resolve(value: Any, artifacts: dict[str, str]) -> Any:
     """Replace "@name" by that stage's artifact path."""
     if isinstance(value, str) and value.startswith("@") and value[1:] in artifacts:
         return artifacts[value[1:]]
+    if isinstance(value, str):
+        return _EMBEDDED.sub(lambda m: artifacts.get(m.group(1), m.group(0)), value)
     if isinstance(value, dict):
         return {k: resolve(v, artifacts) for k, v in value.items()}
     if isinstance(value, list):
@@ -214,6 +232,8 @@ def _keyed(value: Any, keys: dict[str, str]) -> Any:
     if isinstance(value, str):
         if value.startswith("@") and value[1:] in keys:
             return {"stage": keys[value[1:]]}
+        if _EMBEDDED.search(value):
+            return {"text": value, "stages": [keys.get(n) for n in _EMBEDDED.findall(value)]}
         if ("/" in value or value.endswith((".jsonl", ".yaml", ".json", ".txt"))) and Path(value).exists():
             return {"path": value, "digest": _path_digest(Path(value))}
         return value

@@ -144,6 +144,72 @@ def run_distill(opts: DistillOptions, out: Path, ctx: RunContext, train: dict) -
             **_last_eval(result)}
 
 
+# -- alignment ---------------------------------------------------------------------------------------
+
+@dataclass
+class SFTOptions:
+    ckpt: str
+    data: list  # JSONL files of conversations (`messages`) or prompt/completion pairs
+    pack: bool = True
+    val_fraction: float = 0.05
+
+
+def run_sft(opts: SFTOptions, out: Path, ctx: RunContext, train: dict) -> dict:
+    from ..align.sft import sft
+
+    data = [opts.data] if isinstance(opts.data, str) else list(opts.data)
+    result = sft(opts.ckpt, data, out, _train_config(train, ctx), pack=opts.pack, val_fraction=opts.val_fraction,
+                 resume=ctx.resume, quiet=ctx.quiet)
+    return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+            **_last_eval(result)}
+
+
+@dataclass
+class PairsOptions:
+    ckpt: str
+    verifier: str = "python-syntax"
+    prompts: str = "default"  # a prompts file, or the default domain's held-out function prompts
+    limit: int | None = 200
+    k: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+def run_pairs(opts: PairsOptions, out: Path, ctx: RunContext) -> dict:
+    from ..align.pairs import pairs_from_checkpoint
+
+    stats = pairs_from_checkpoint(opts.ckpt, opts.prompts, opts.verifier, out / "pairs.jsonl", limit=opts.limit,
+                                  say=ctx.log, k=opts.k, temperature=opts.temperature, top_p=opts.top_p,
+                                  max_new_tokens=opts.max_new_tokens, seed=opts.seed)
+    if stats.pairs == 0:
+        raise RecipeError(f"{ctx.recipe.source}: pairs: no preference pairs ({stats.to_dict()}); sample more "
+                          "(k, limit, temperature) or use a verifier the model sometimes passes")
+    return stats.to_dict()
+
+
+@dataclass
+class DPOOptions:
+    ckpt: str
+    pairs: str
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    gamma: float = 1.0
+    val_fraction: float = 0.1
+
+
+def run_dpo(opts: DPOOptions, out: Path, ctx: RunContext, train: dict) -> dict:
+    from ..align.dpo import dpo
+    from ..align.preference_losses import PreferenceConfig
+
+    pref = PreferenceConfig(loss=opts.loss, beta=opts.beta, label_smoothing=opts.label_smoothing, gamma=opts.gamma)
+    result = dpo(opts.ckpt, opts.pairs, out, _train_config(train, ctx), pref, val_fraction=opts.val_fraction,
+                 resume=ctx.resume, quiet=ctx.quiet)
+    return {"steps": result.steps, "train_seconds": round(result.seconds, 1), **_last_eval(result)}
+
+
 # -- compression -----------------------------------------------------------------------------------
 
 @dataclass
@@ -310,6 +376,9 @@ STAGES: dict[str, StageKind] = {
     "train": StageKind(TrainOptions, run_train, trains=True),
     "distill": StageKind(DistillOptions, run_distill, trains=True),
     "compress": StageKind(CompressOptions, run_compress),
+    "sft": StageKind(SFTOptions, run_sft, trains=True),
+    "pairs": StageKind(PairsOptions, run_pairs, artifact=lambda out: out / "pairs.jsonl"),
+    "dpo": StageKind(DPOOptions, run_dpo, trains=True),
     "eval": StageKind(EvalOptions, run_eval, artifact=lambda out: out / "eval.json"),
     "bench": StageKind(BenchOptions, run_bench, artifact=lambda out: out / "bench.json"),
     "select": StageKind(SelectOptions, run_select, artifact=_selected),

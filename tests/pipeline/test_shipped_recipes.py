@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_cli import slm
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "slmkit" / "recipes"
 TINY = ["data.max_bytes=150000", "data.vocab_size=384", "data.val_fraction=0.1",
         "*.time_budget_s=null", "*.seq_len=64", "*.batch_size=4", "*.eval_every=0",
         "teacher.model=micro", "teacher.steps=8", "student.student=micro", "student.steps=4",

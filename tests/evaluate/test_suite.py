@@ -1,0 +1,68 @@
+"""The eval suite: built-in default-domain tasks, task files with verifiers, and the CLI table/JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slmkit.checkpoint import save_checkpoint
+from slmkit.data import open_dataset
+from slmkit.evaluate.suite import SuiteConfig, builtin_task, evaluate_checkpoint, parse_tasks
+from slmkit.evaluate.tasks import TaskError
+from slmkit.model import CausalLM, ModelConfig
+from tests.test_cli import slm
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_dataset):
+    ds = open_dataset(tiny_dataset)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=ds.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=ds.bos_token_id, eos_token_id=ds.eos_token_id, pad_token_id=ds.pad_token_id)
+    return save_checkpoint(CausalLM(cfg), tmp_path_factory.mktemp("s") / "ck", tokenizer_from=tiny_dataset)
+
+
+def test_builtin_tasks_come_from_held_out_files():
+    from slmkit.data.default_tasks import heldout_files
+
+    held = {doc_id for doc_id, _ in heldout_files(0.05)}
+    nl = builtin_task("next-line", SuiteConfig(items=12), 0.05)
+    fp = builtin_task("function-parse", SuiteConfig(items=12), 0.05)
+    assert len(nl.items) == 12 and len(fp.items) == 12
+    assert all(len(it.choices) == 4 and 0 <= it.gold < 4 for it in nl.items)
+    assert all(it.prompt.startswith(("def ", "async def ")) and it.reference for it in fp.items)
+    assert held  # the items above were drawn from these files only (see tests/data/test_default_tasks.py)
+
+
+def test_suite_with_lm_files_and_verifiers(ckpt, tiny_dataset, tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "import", "choices": [" os", " sys"], "gold": 0}) + "\n{bad\n")
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"prompt": "def f(x):\n", "reference": "    return x"}) + "\n")
+    res = evaluate_checkpoint(ckpt, parse_tasks(f"lm,{mc},{gen}@python-syntax,{gen}"), data=tiny_dataset,
+                              cfg=SuiteConfig(max_tokens=512, max_new_tokens=8, seq_len=64))
+    s = res["summary"]
+    assert s["bits_per_byte"] > 0 and s["mc_acc"] in (0.0, 1.0)
+    assert 0.0 <= s["gen_pass_rate"] <= 1.0 and 0.0 <= s["gen_score"] <= 1.0
+    assert res["tasks"][str(mc)]["skipped_lines"] == [f"{mc}:2: Expecting property name enclosed in double "
+                                                      "quotes: line 1 column 2 (char 1)"]
+    with pytest.raises(TaskError, match="unknown task 'bogus'"):
+        parse_tasks("lm,bogus")
+    with pytest.raises(TaskError, match="pass --data"):
+        evaluate_checkpoint(ckpt, ["lm"])
+
+
+def test_eval_and_bench_commands(ckpt, tmp_path):
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"prompt": "def f(x):\n", "reference": "    return x"}) + "\n")
+    out = tmp_path / "e.json"
+    r = slm("eval", ckpt, "--tasks", f"{gen}@python-syntax", "--max-new-tokens", 4, "--json", out)
+    assert "pass rate" in r.stdout and json.loads(out.read_text())["summary"]["gen_pass_rate"] in (0.0, 1.0)
+    r = slm("eval", ckpt, "--tasks", "nope", ok=False)
+    assert r.returncode == 2 and "unknown task 'nope'" in r.stderr
+    r = slm("bench", ckpt, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1, "--batch-sizes", "1,2",
+            "--json", tmp_path / "b.json")
+    assert "time to first token" in r.stdout and json.loads((tmp_path / "b.json").read_text())["decode_tok_s_b2"] > 0
