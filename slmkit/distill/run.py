@@ -40,7 +40,9 @@ def check_shared_vocabulary(teacher_path: Path, identity: dict, ds) -> None:
 
 def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path, out: str | Path,
             train_cfg: TrainConfig, kd_cfg: KDConfig, *, cache: str | Path | None = None, resume: bool = False,
-            on_step_end=None, quiet: bool = False) -> TrainResult:
+            on_step_end=None, quiet: bool = False, lora=None) -> TrainResult:
+    """`lora` (an align.lora.LoRAConfig) trains adapters on a frozen student checkpoint; OUT then gets the
+    merged student and OUT/adapter/ the adapter."""
     from ..data import open_dataset
 
     ds = open_dataset(data)
@@ -54,7 +56,15 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
     teacher = load_checkpoint(teacher_path) if needs_weights else None
     t_config = ModelConfig.load(teacher_path / "config.json")
     torch.manual_seed(train_cfg.seed)
+    if lora is not None:
+        from ..align.lora import lora_base_checkpoint
+
+        lora_base_checkpoint(student_spec, "--student")
     student, init, prior = build_student(student_spec, teacher, ds, seq_len=train_cfg.seq_len)
+    if lora is not None:
+        from ..align.lora import apply_lora
+
+        apply_lora(student, lora)  # before the Trainer: its optimizer sees only the adapters
     if student.config.vocab_size != t_config.vocab_size:
         raise KDError(f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
                       f"{t_config.vocab_size}: logit KD needs a shared vocabulary; "
@@ -99,6 +109,10 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
                               "temperature": kd_cfg.temperature, "alpha": kd_cfg.alpha,
                               "tokens": result.tokens, "cached": cache is not None,
                               "on_policy": kd_cfg.on_policy})
+        if lora is not None:
+            from ..align.lora import finish_lora_run
+
+            stage["lora"] = finish_lora_run(trainer.model, out, lora, base=student_spec)
         save_checkpoint(trainer.model, out, tokenizer_from=ds.path,
                         provenance={**prior, "stages": [*prior["stages"], stage]})
     return result

@@ -56,12 +56,22 @@ def lm_evaluator(ds, cfg: TrainConfig, device: torch.device):
 
 
 def pretrain(data: str | Path, model_spec: str | Path, out: str | Path, cfg: TrainConfig, *,
-             resume: bool = False, on_step_end=None, quiet: bool = False) -> TrainResult:
+             resume: bool = False, on_step_end=None, quiet: bool = False, lora=None) -> TrainResult:
+    """`lora` (an align.lora.LoRAConfig) trains adapters on the frozen checkpoint `model_spec`; OUT then gets
+    the merged model and OUT/adapter/ the adapter."""
     from ..data import open_dataset
 
     ds = open_dataset(data)
     torch.manual_seed(cfg.seed)
+    if lora is not None:
+        from ..align.lora import lora_base_checkpoint
+
+        lora_base_checkpoint(model_spec)  # refuse a fresh model before any work
     model, prior = model_for_dataset(model_spec, ds, seq_len=cfg.seq_len)
+    if lora is not None:
+        from ..align.lora import apply_lora
+
+        apply_lora(model, lora)  # before the Trainer: its optimizer sees only the adapters
     if model.config.memory_length > 0:  # Transformer-XL memory: consecutive segments, memory kept across steps
         batches, step_fn = SegmentBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed), XLLMStep()
     else:
@@ -83,6 +93,10 @@ def pretrain(data: str | Path, model_spec: str | Path, out: str | Path, cfg: Tra
                      metrics=metrics, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      summary={"preset": str(model_spec), "steps": result.steps, "tokens": result.tokens,
                               "seq_len": cfg.seq_len, "batch_size": cfg.batch_size})
+        if lora is not None:
+            from ..align.lora import finish_lora_run
+
+            stage["lora"] = finish_lora_run(trainer.model, out, lora, base=model_spec)
         save_checkpoint(trainer.model, out, tokenizer_from=ds.path,
                         provenance={**prior, "stages": [*prior["stages"], stage]})
     return result
