@@ -32,11 +32,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [CheckpointError, DataError, ConfigError, TrainConfigError, PassError,
                                          FileNotFoundError]
     try:
-        from .export import HFExportError
+        from .export import GGUFExportError, HFExportError
 
-        errors.append(HFExportError)
+        errors += [HFExportError, GGUFExportError]
     except ImportError:
         pass
+    try:
+        from .align.lora import LoRAError
+        from .align.preference_losses import PreferenceLossError
+        from .align.reference_cache import ReferenceCacheError
+
+        errors += [LoRAError, PreferenceLossError, ReferenceCacheError]
+    except ImportError:
+        pass
+    try:
+        from .align.chat import ChatTemplateError
+        from .align.json_schema import SchemaError
+        from .align.verifiers import VerifierError
+
+        errors += [ChatTemplateError, SchemaError, VerifierError]
+    except ImportError:
+        pass
+    from .evaluate.pareto import BudgetError
+    from .evaluate.tasks import TaskError
+    from .pipeline.recipe import RecipeError
+
+    errors += [TaskError, BudgetError, RecipeError]
     return tuple(errors)
 
 
@@ -81,6 +102,31 @@ def data(
     out_console.print("; ".join(extra))
 
 
+# -- LoRA options (train, distill, dpo) ---------------------------------------------------------------
+
+LORA_RANK_HELP = "Train LoRA adapters of this rank on a frozen checkpoint instead of all weights (OUT gets the " \
+                 "merged model, OUT/adapter/ the PEFT-format adapter)."
+LORA_TARGETS_DEFAULT = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _lora_config(rank, alpha, targets, dropout):
+    if rank is None:
+        return None
+    from .align.lora import LoRAConfig
+
+    return LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(t.strip() for t in targets.split(",")))
+
+
+def _print_lora_summary(out: Path) -> None:
+    """Trainable parameters and peak memory of a LoRA run, from the stage it recorded in OUT/slmkit.json."""
+    stages = json.loads((Path(out) / "slmkit.json").read_text()).get("stages", [])
+    rec = stages[-1].get("lora") if stages else None
+    if rec and "trainable_parameters" in rec:
+        out_console.print(f"LoRA: {rec['trainable_parameters']:,} of {rec['total_parameters']:,} parameters trained "
+                          f"({rec['trainable_parameters'] / rec['total_parameters']:.2%}); peak RSS "
+                          f"{rec['peak_rss_bytes'] / 2**20:,.0f} MiB; adapter -> {Path(out) / rec['adapter']}")
+
+
 # -- train -------------------------------------------------------------------------------------------
 
 @app.command()
@@ -103,6 +149,10 @@ def train(
     time_budget: Optional[float] = typer.Option(None, help="Train for about this many seconds."),
     seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last if a previous run was stopped."),
+    lora_rank: Optional[int] = typer.Option(None, help=LORA_RANK_HELP),
+    lora_alpha: float = typer.Option(16.0, help="LoRA scaling numerator (update scaled by alpha/rank)."),
+    lora_targets: str = typer.Option(LORA_TARGETS_DEFAULT, help="Comma-separated module names that get adapters."),
+    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
 ):
     """Pretrain a model on a dataset.
 
@@ -111,6 +161,7 @@ def train(
         slm train --data runs/ds --model small --out runs/small --steps 2000
         slm train --data runs/ds --model my_model.yaml --out runs/m --config train.yaml --resume
         torchrun --nproc-per-node 2 -m slmkit.cli train --data runs/ds --model tiny --out runs/ddp
+        slm train --data runs/domain-ds --model runs/small --out runs/small-lora --steps 300 --lora-rank 16 --lr 1e-3
     """
     from .train import TrainConfig
     from .train.pretrain import pretrain
@@ -121,10 +172,13 @@ def train(
                      device=device)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig(**overrides)
-    result = pretrain(data, model, out, cfg, resume=resume)
+    lora = _lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
+    result = pretrain(data, model, out, cfg, resume=resume, lora=lora)
     last = result.evals[-1] if result.evals else {}
     out_console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s; "
                       f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
+    if lora is not None:
+        _print_lora_summary(out)
 
 
 # -- distill -----------------------------------------------------------------------------------------
@@ -170,6 +224,10 @@ def distill(
     time_budget: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last."),
+    lora_rank: Optional[int] = typer.Option(None, help=LORA_RANK_HELP + " --student must be a checkpoint."),
+    lora_alpha: float = typer.Option(16.0, help="LoRA scaling numerator (update scaled by alpha/rank)."),
+    lora_targets: str = typer.Option(LORA_TARGETS_DEFAULT, help="Comma-separated module names that get adapters."),
+    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
 ):
     """Distill a teacher into a smaller student (logit KD, cached, on-policy, hidden states, or sequence-level).
 
@@ -180,6 +238,7 @@ def distill(
         slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --cache-teacher --cache-k 16
         slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --on-policy 0.25 --hidden-weight 1.0
         slm distill -t runs/hf-llama -s small -d runs/ds -o runs/s --mode sequence --prompts 512
+        slm distill -t runs/teacher -s runs/student -d runs/ds -o runs/s-lora --lora-rank 8 --lr 1e-3
     """
     from .distill import KDConfig
     from .distill.run import distill as run_distill
@@ -188,6 +247,9 @@ def distill(
                         seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
                         eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
                         device=device)
+    lora = _lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
+    if lora is not None and mode != "logits":
+        raise ValueError("--lora-rank works with --mode logits; sequence-level KD trains the whole student")
     if mode == "sequence":
         from .distill.sequence import distill_sequence
 
@@ -200,12 +262,14 @@ def distill(
             from .distill.teacher_cache import build_teacher_cache
 
             cache = build_teacher_cache(teacher, data, k=cache_k, seq_len=cfg.seq_len, temperature=temperature)
-        result = run_distill(teacher, student, data, out, cfg, kd, cache=cache, resume=resume)
+        result = run_distill(teacher, student, data, out, cfg, kd, cache=cache, resume=resume, lora=lora)
     else:
         raise ValueError(f"--mode {mode!r}: choose logits or sequence")
     last = result.evals[-1] if result.evals else {}
     out_console.print(f"distilled {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s; "
                       f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
+    if lora is not None:
+        _print_lora_summary(out)
 
 
 @app.command("teacher-cache")
@@ -233,6 +297,182 @@ def teacher_cache(
     meta = open_teacher_cache(path).meta
     out_console.print(f"teacher cache {path}: {meta['num_chunks']:,} windows x {meta['seq_len']} tokens, "
                       f"top-{meta['k']}, {meta['bytes'] / 1e6:.1f} MB, built in {meta['seconds']:.0f}s")
+
+
+# -- preference optimisation / LoRA -----------------------------------------------------------------
+
+@app.command()
+def sft(
+    ckpt: Path = typer.Argument(..., help="Checkpoint to fine-tune (its tokenizer_config.json holds the chat template)."),
+    data: List[Path] = typer.Option(..., "--data", "-d", help="JSONL of {\"messages\": [...]} conversations or "
+                                    "{prompt, completion} pairs (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write."),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack whole examples into seq_len rows (attention "
+                              "crosses examples in a row, as in pretraining) or pad one example per row."),
+    val_fraction: float = typer.Option(0.05, help="Records held out (by a hash of their content) for validation "
+                                       "loss on assistant tokens."),
+    config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig)."),
+    steps: int = typer.Option(200), batch_size: int = typer.Option(16, help="Rows per optimizer step."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Rows per forward pass."),
+    seq_len: int = typer.Option(512, help="Row length in tokens; longer examples are truncated (and counted)."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (LoRA usually wants about 10x more)."),
+    warmup_steps: int = typer.Option(10), weight_decay: float = typer.Option(0.0),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    eval_every: int = typer.Option(50), save_every: int = typer.Option(100),
+    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last."),
+    lora_rank: Optional[int] = typer.Option(None, help=LORA_RANK_HELP),
+    lora_alpha: float = typer.Option(16.0, help="LoRA scaling numerator (update scaled by alpha/rank)."),
+    lora_targets: str = typer.Option(LORA_TARGETS_DEFAULT, help="Comma-separated module names that get adapters."),
+    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
+):
+    """Supervised fine-tuning (instruction tuning): loss on assistant tokens only.
+
+    Lines that cannot be used are reported as `file:line: reason` and skipped.
+
+    Examples:
+
+        slm sft runs/small --data chat.jsonl --out runs/sft --steps 300
+        slm sft runs/small --data chat.jsonl --data more.jsonl --out runs/sft --no-pack --seq-len 256
+        slm sft runs/small --data chat.jsonl --out runs/sft-lora --lora-rank 16 --lr 1e-3
+    """
+    from .align.sft import sft as run_sft
+
+    cfg = _train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                        precision=precision, eval_every=eval_every, save_every=save_every, seed=seed, device=device)
+    lora = _lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
+    result = run_sft(ckpt, list(data), out, cfg, pack=pack, val_fraction=val_fraction, lora=lora, resume=resume)
+    stage = json.loads((out / "slmkit.json").read_text())["stages"][-1]
+    m = stage.get("metrics", {})
+    val = (f"; held-out assistant-token loss {m['start_val_loss']:.4f} -> {m['val_loss']:.4f}"
+           if "val_loss" in m and "start_val_loss" in m else "")
+    out_console.print(f"sft: {result.steps} steps, {stage['assistant_tokens']:,} assistant tokens trained on "
+                      f"in {result.seconds:.0f}s{val} -> {out}")
+    if lora is not None:
+        _print_lora_summary(out)
+
+
+@app.command()
+def pairs(
+    ckpt: Path = typer.Argument(..., help="Checkpoint to sample from."),
+    prompts: str = typer.Option(..., "--prompts", help="JSONL with 'prompt' (or chat 'messages'), a text file "
+                                "with one prompt per line, or `default` (held-out stdlib function prompts)."),
+    verifier: str = typer.Option(..., "--verifier", "-v", help="NAME[:key=value,...]: python-syntax, json, regex, "
+                                 "length, teacher, or a plug-in module:function / file.py:function."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL of pairs to write."),
+    k: int = typer.Option(8, "-k", help="Samples per prompt."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    seed: int = typer.Option(0, help="Sampling seed: the same seed and --batch-prompts give the same pairs."),
+    batch_prompts: int = typer.Option(4, help="Prompts per generate call (each repeated K times)."),
+    margin: float = typer.Option(0.0, help="Graded verifiers: smallest score gap between chosen and rejected."),
+    limit: Optional[int] = typer.Option(None, help="Use at most this many prompts (default prompts: 200)."),
+    stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
+    val_fraction: Optional[float] = typer.Option(None, help="`--prompts default`: the held-out fraction (default: "
+                                                 "the smallest of the checkpoint's datasets)."),
+):
+    """Synthesize preference pairs: sample K completions per prompt, judge them with a verifier, keep best vs worst.
+
+    Examples:
+
+        slm pairs runs/small --prompts default --verifier python-syntax --out runs/pairs.jsonl -k 8
+        slm pairs runs/sft --prompts asks.jsonl --verifier json:schema=ticket.schema.json --out pairs.jsonl
+        slm pairs runs/sft --prompts asks.txt --verifier 'regex:pattern=^[A-Z].*\\.$,fullmatch=true' -o pairs.jsonl
+        slm pairs runs/small --prompts default --verifier teacher:ckpt=runs/teacher --margin 0.2 -o pairs.jsonl
+        slm pairs runs/sft --prompts asks.jsonl --verifier my_checks.py:is_polite --out pairs.jsonl
+    """
+    from .align.pairs import pairs_from_checkpoint
+
+    stats = pairs_from_checkpoint(ckpt, prompts, verifier, out, limit=limit, val_fraction=val_fraction,
+                                  say=lambda m: err_console.print(m, markup=False, highlight=False), k=k,
+                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                  batch_prompts=batch_prompts, margin=margin, stop=list(stop))
+    s = stats.to_dict()
+    out_console.print(f"{s['pairs']} pairs from {s['prompts']} prompts x {k} samples (pass rate {s['pass_rate']:.1%});"
+                      f" skipped: all passed {s['skipped_all_passed']}, all failed {s['skipped_all_failed']}, "
+                      f"small margin {s['skipped_small_margin']}, identical {s['skipped_identical']}, "
+                      f"bad lines {s['skipped_lines']} -> {out}")
+
+
+@app.command()
+def dpo(
+    ckpt: Path = typer.Argument(..., help="Checkpoint to align (also the frozen reference)."),
+    pairs: Path = typer.Option(..., "--pairs", help="JSONL of {prompt, chosen, rejected}: text, or chat messages."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write."),
+    loss: str = typer.Option("dpo", help="dpo (sigmoid) | ipo | simpo (reference-free)."),
+    beta: Optional[float] = typer.Option(None, help="Inverse temperature (default: 0.1 for dpo/ipo, 2.0 for simpo)."),
+    label_smoothing: float = typer.Option(0.0, help="dpo/simpo: assumed fraction of flipped labels (cDPO)."),
+    gamma: float = typer.Option(1.0, help="simpo: target reward margin."),
+    val_fraction: float = typer.Option(0.1, help="Pairs held out (by a hash of their content) for preference accuracy."),
+    ref_cache: Optional[Path] = typer.Option(None, help="Reference log-prob cache file (default OUT/"
+                                             "reference_logps.safetensors); reused when pairs and checkpoint match."),
+    config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig)."),
+    steps: int = typer.Option(200), batch_size: int = typer.Option(8, help="Pairs per optimizer step."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Pairs per forward pass."),
+    seq_len: int = typer.Option(512, help="Longest prompt+completion; longer prompts lose their start."),
+    lr: float = typer.Option(1e-5, help="Peak learning rate (LoRA usually wants 10-100x more)."),
+    warmup_steps: int = typer.Option(10), weight_decay: float = typer.Option(0.0),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    eval_every: int = typer.Option(50), save_every: int = typer.Option(100),
+    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last."),
+    lora_rank: Optional[int] = typer.Option(None, help=LORA_RANK_HELP),
+    lora_alpha: float = typer.Option(16.0, help="LoRA scaling numerator (update scaled by alpha/rank)."),
+    lora_targets: str = typer.Option(LORA_TARGETS_DEFAULT, help="Comma-separated module names that get adapters."),
+    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
+):
+    """Preference optimisation (DPO, IPO, SimPO) of a checkpoint on chosen/rejected pairs.
+
+    Reference log-probabilities are computed once with the starting weights and cached; held-out pairs give
+    preference accuracy.
+
+    Examples:
+
+        slm dpo runs/sft --pairs runs/pairs.jsonl --out runs/dpo --steps 300 --beta 0.1
+        slm dpo runs/sft --pairs pairs.jsonl --out runs/ipo --loss ipo --beta 0.5
+        slm dpo runs/sft --pairs pairs.jsonl --out runs/simpo --loss simpo --beta 2.0 --gamma 1.0
+        slm dpo runs/sft --pairs pairs.jsonl --out runs/dpo-lora --lora-rank 16 --lr 5e-4
+    """
+    from .align.dpo import dpo as run_dpo
+    from .align.preference_losses import PreferenceConfig
+
+    pref = PreferenceConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    cfg = _train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                        precision=precision, eval_every=eval_every, save_every=save_every, seed=seed, device=device)
+    lora = _lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
+    result = run_dpo(ckpt, pairs, out, cfg, pref, lora=lora, val_fraction=val_fraction, ref_cache=ref_cache,
+                     resume=resume)
+    stage = json.loads((out / "slmkit.json").read_text())["stages"][-1]
+    m = stage.get("metrics", {})
+    acc = (f"; held-out preference accuracy {m['start_preference_accuracy']:.3f} -> {m['val_preference_accuracy']:.3f}"
+           if "val_preference_accuracy" in m and "start_preference_accuracy" in m else "")
+    out_console.print(f"{loss}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s{acc} -> {out}")
+    if lora is not None:
+        _print_lora_summary(out)
+    else:
+        s = stage["summary"]
+        out_console.print(f"{s['trainable_parameters']:,} parameters trained; peak RSS {s['peak_rss_bytes'] / 2**20:,.0f} MiB")
+
+
+@app.command("merge-lora")
+def merge_lora_cmd(
+    base: Path = typer.Argument(..., help="Checkpoint the adapter was trained on."),
+    adapter: Path = typer.Argument(..., help="Adapter directory (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged checkpoint directory to write."),
+):
+    """Fold a LoRA adapter (slmkit or PEFT layout) into its base checkpoint: an ordinary checkpoint out.
+
+    Example:
+
+        slm merge-lora runs/sft runs/dpo-lora/adapter --out runs/dpo-merged
+    """
+    from .align.lora import merge_adapter_checkpoint
+
+    rec = merge_adapter_checkpoint(base, adapter, out)
+    out_console.print(f"merged {len(rec['modules'])} adapted layers (rank {rec['config']['rank']}) into {base} -> {out}")
 
 
 # -- compress ----------------------------------------------------------------------------------------
@@ -353,24 +593,111 @@ def generate(
                       f"finish: {', '.join(x.finish_reason for x in results)}[/]")
 
 
+# -- serve -------------------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only; "
+                             "0.0.0.0 exposes the server to the network (use --api-key then)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SLM_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every /v1 request "
+                                               "(or set SLM_API_KEY)."),
+    max_concurrent: int = typer.Option(8, help="Sequences decoded together (continuous batching)."),
+    max_queue: int = typer.Option(64, help="Sequences that may wait for a slot; beyond that requests get 503."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted (413 beyond)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt accepted (default: the context)."),
+    max_n: int = typer.Option(8, help="Largest `n` (samples per prompt) accepted."),
+    log_requests: bool = typer.Option(False, "--log-requests", help="Log request bodies (prompts) and an access "
+                                      "log. Off by default: prompts and completions are never logged."),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the checkpoint "
+                                             "directory's name)."),
+):
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health), with continuous batching and streaming. Private by default: binds 127.0.0.1,
+    makes no outbound connections, logs no request text.
+
+    Examples:
+
+        slm serve runs/small                     # http://127.0.0.1:8000/v1, model "small"
+        SLM_API_KEY=s3cret slm serve runs/small --port 9000 --max-concurrent 16
+        slm serve runs/small --host 0.0.0.0 --api-key s3cret --model-name domain
+
+    Then, from any OpenAI client (base_url http://127.0.0.1:8000/v1):
+
+        curl -s localhost:8000/v1/completions -H 'Content-Type: application/json'
+             -d '{"model": "small", "prompt": "def main():", "max_tokens": 32}'
+    """
+    from .serve.server import serve as run_server
+
+    run_server(ckpt, host=host, port=port, api_key=api_key, max_concurrent=max_concurrent, max_waiting=max_queue,
+               max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+               log_requests=log_requests, dtype=dtype, device=device, model_name=model_name)
+
+
 # -- eval / info -------------------------------------------------------------------------------------
 
 @app.command("eval")
 def eval_cmd(
     ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (its held-out split is scored)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset directory (its held-out split is "
+                                                                    "scored by the lm task)."),
+    tasks: str = typer.Option("lm", help="Comma-separated: lm, next-line, function-parse, FILE.jsonl, "
+                                         "FILE.jsonl@VERIFIER."),
     split: str = typer.Option("val"),
     seq_len: int = typer.Option(256),
-    max_tokens: Optional[int] = typer.Option(None, help="Score at most this many tokens."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16"),
+    max_tokens: Optional[int] = typer.Option(None, help="Score at most this many tokens (lm)."),
+    items: int = typer.Option(200, help="Items per built-in task."),
+    max_new_tokens: int = typer.Option(128, help="Tokens generated per item (generation tasks)."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (lm task)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
 ):
-    """Bits per byte, perplexity and top-1 accuracy on held-out data.
+    """Score a checkpoint: bits per byte on held-out data, multiple-choice and generation tasks.
 
-    Example:
+    Multiple choice is scored by log-likelihood (acc, and acc_norm per byte, as lm-evaluation-harness);
+    generation tasks by a verifier (`python-syntax`, `json`, ...) or ROUGE-L against `reference`. The
+    built-in `next-line` and `function-parse` tasks come from held-out files of the default domain.
+
+    Examples:
 
         slm eval runs/small --data runs/ds --json runs/small/eval.json
+        slm eval runs/small --data runs/ds --tasks lm,next-line,function-parse
+        slm eval runs/small --tasks mc.jsonl,prompts.jsonl@python-syntax
     """
+    if tasks.strip() == "lm":
+        if data is None:
+            raise typer.BadParameter("the lm task needs --data DIR (the dataset whose held-out split is scored)")
+        _eval_lm(ckpt, data, split, seq_len, max_tokens, precision, json_out)
+        return
+    from .evaluate.suite import SuiteConfig, evaluate_checkpoint, parse_tasks
+
+    cfg = SuiteConfig(seq_len=seq_len, max_tokens=max_tokens if max_tokens is not None else 65536, items=items,
+                      max_new_tokens=max_new_tokens)
+    res = evaluate_checkpoint(ckpt, parse_tasks(tasks), data=data, cfg=cfg)
+    table = Table(title=f"{ckpt}")
+    table.add_column("task")
+    table.add_column("result")
+    table.add_column("items", justify="right")
+    table.add_column("seconds", justify="right")
+    for name, r in res["tasks"].items():
+        if name == "lm":
+            text = f"bits/byte {r['bits_per_byte']:.4f}, ppl {r['perplexity']:.2f}, acc {r['accuracy']:.3f}"
+        elif "acc" in r:
+            text = f"acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} (chance {r['chance']:.3f})"
+        else:
+            text = f"{r['scorer']} {r['score']:.3f}" + (f", pass rate {r['pass_rate']:.3f}" if "pass_rate" in r else "")
+        table.add_row(name, text, f"{r.get('items', r.get('tokens', 0)):,}", f"{r['seconds']:.1f}")
+        for line in r.get("skipped_lines", [])[:5]:
+            err_console.print(f"[yellow]skipped {line}")
+    out_console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=2))
+
+
+def _eval_lm(ckpt, data, split, seq_len, max_tokens, precision, json_out) -> None:
     import torch
 
     from .checkpoint import load_checkpoint
@@ -452,6 +779,149 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     out_console.print(t)
 
 
+@app.command()
+def bench(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens for prefill."),
+    new_tokens: int = typer.Option(64, help="Decode steps timed."),
+    batch_sizes: str = typer.Option("1,8", help="Comma-separated batch sizes."),
+    repeats: int = typer.Option(5, help="Timed runs per figure (the median is reported)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+):
+    """Prefill and decode tokens/s (batch 1 and 8), time to first token, peak memory, size and parameters.
+
+    Runs in this process after loading only the checkpoint, so the peak resident memory is the checkpoint's
+    (plus torch itself). Medians over `--repeats`; the machine is described in the JSON.
+
+    Examples:
+
+        slm bench runs/small
+        slm bench runs/small-int4 --batch-sizes 1,4,16 --json runs/small-int4/bench.json
+    """
+    from .evaluate.bench import BenchConfig, bench_checkpoint
+
+    cfg = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, threads=threads,
+                      batch_sizes=tuple(int(b) for b in batch_sizes.split(",") if b.strip()), dtype=precision)
+    r = bench_checkpoint(ckpt, cfg)
+    t = Table(title=f"{ckpt} ({r['machine']['cpu']}, {r['machine']['torch_threads']} threads)", show_header=False)
+    params = f"{r['parameters']:,}"
+    if r["active_parameters"] != r["parameters"]:
+        params += f" (active per token {r['active_parameters']:,})"
+    if r["nonzero_parameters"] != r["parameters"]:
+        params += f" ({r['nonzero_parameters']:,} nonzero)"
+    t.add_row("parameters", params)
+    t.add_row("bytes on disk", f"{r['bytes_on_disk']:,}")
+    for b in cfg.batch_sizes:
+        t.add_row(f"batch {b}", f"prefill {r[f'prefill_tok_s_b{b}']:,.0f} tok/s, decode {r[f'decode_tok_s_b{b}']:,.1f} tok/s")
+    t.add_row("time to first token", f"{r['ttft_ms']:.1f} ms ({prompt_len}-token prompt)")
+    t.add_row("decode latency", f"{r['decode_ms_per_token']:.2f} ms/token")
+    t.add_row("peak resident memory", f"{r['peak_rss_bytes'] / 2 ** 20:,.0f} MiB")
+    out_console.print(t)
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
+@app.command()
+def select(
+    base: Path = typer.Option(..., "--base", help="Checkpoint to compress into candidates."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset (calibration, recovery and held-out scoring)."),
+    out: Path = typer.Option(Path("runs/select"), "--out", "-o", help="Work directory (cached between runs)."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher for KD recovery (default: the base) and shown "
+                                                      "as a reference."),
+    budget: Optional[str] = typer.Option(None, help='Constraints, e.g. "bytes<=20MB,decode_ms<=5,bpb<=1.6".'),
+    objective: str = typer.Option("bpb", help="Quality to optimise: bpb, next_line, parse_rate, accuracy."),
+    tasks: str = typer.Option("lm", help="Eval tasks measured for every candidate (see slm eval)."),
+    plan: Optional[List[str]] = typer.Option(None, "--plan", help="NAME=PASS+PASS[+recover+PASS]; repeatable. "
+                                                                 "Default: a built-in set."),
+    recover_steps: int = typer.Option(60, help="KD recovery steps after structural passes (0: none)."),
+    items: int = typer.Option(200, help="Items per built-in task."),
+):
+    """Build compressed candidates, measure each (quality, size, speed), draw the Pareto fronts and
+    recommend the best candidate inside the budget.
+
+    Candidates are built as a cached recipe in OUT, and measurements are cached by weights digest, so a
+    rerun after changing the budget is instant and a new plan only builds what is new.
+
+    Examples:
+
+        slm select --base runs/small --data runs/ds --budget "bytes<=5MB,decode_ms<=4"
+        slm select --base runs/student --teacher runs/teacher --data runs/ds --tasks lm,next-line \\
+            --objective next_line --plan "w50q=prune.width:mlp_ratio=0.5+recover+quant.int4"
+    """
+    from .evaluate.select import DEFAULT_PLANS, parse_plan, plan_stages
+    from .pipeline.recipe import recipe_from_dict, run_recipe
+
+    plans = [parse_plan(p) for p in plan] if plan else list(DEFAULT_PLANS)
+    if recover_steps <= 0:
+        plans = [type(p)(p.name, p.passes, False, p.after) for p in plans]
+    stages, final = plan_stages(plans, str(base.resolve()), str(data.resolve()),
+                                teacher=str(teacher.resolve()) if teacher else None, recover_steps=max(recover_steps, 1))
+    refs = {"teacher": str(teacher.resolve())} if teacher else {}
+    stages.append({"name": "select", "kind": "select", "with": {
+        "candidates": {name: (ref if ref.startswith("@") else ref) for name, ref in final.items()},
+        "data": str(data.resolve()), "budget": budget, "objective": objective,
+        "tasks": [t.strip() for t in tasks.split(",") if t.strip()], "references": refs, "items": items}})
+    stages.append({"name": "report", "kind": "report", "with": {"title": f"slm select: {base}"}})
+    recipe = recipe_from_dict({"name": "select", "workdir": str(out), "stages": stages}, source="slm select")
+    run_recipe(recipe, log=lambda m: err_console.print(m, markup=False, highlight=False))
+    _print_selection(out / "select" / "selection.json", out / "report" / "report.html")
+
+
+def _print_selection(selection_file: Path, report: Path | None) -> None:
+    from .evaluate.report import candidates_table
+
+    sel = json.loads(selection_file.read_text())
+    header, rows = candidates_table(sel)
+    t = Table(title="candidates")
+    for h in header:
+        t.add_column(h, justify="left" if h in ("model", "notes") else "right")
+    for r in rows:
+        t.add_row(*[c.replace("**", "") for c in r])
+    out_console.print(t)
+    for reason in sel["reasons"]:
+        out_console.print(f"- {reason}")
+    if report is not None and report.exists():
+        out_console.print(f"report: {report}")
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML, or a built-in recipe by name (quickstart, distill-compress-select)."),
+    workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="STAGE.OPTION=VALUE override; repeatable."),
+    force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and everything after it)."),
+    until: Optional[str] = typer.Option(None, help="Stop after this stage."),
+    quiet: bool = typer.Option(False, help="Less output from the stages."),
+):
+    """Run a declarative pipeline of stages (data, train, distill, compress, sft, pairs, dpo, eval, bench,
+    select, export, report). Each stage is cached by a hash of its options and inputs: an unchanged stage
+    is skipped, an edited one re-runs with everything downstream, an interrupted training stage resumes.
+
+    Examples:
+
+        slm run distill-compress-select
+        slm run distill-compress-select --set teacher.time_budget_s=600 --set select.budget=bytes<=2MB
+        slm run my.yaml --force student --until select
+    """
+    from .pipeline.recipe import load_recipe, run_recipe
+
+    r = load_recipe(recipe, workdir=workdir, overrides=list(set_ or []))
+    records = run_recipe(r, force=tuple(force or ()), until=until, quiet=quiet,
+                         log=lambda m: err_console.print(m, markup=False, highlight=False))
+    t = Table(title=f"recipe {r.name} ({r.workdir})")
+    for c in ("stage", "kind", "cached", "seconds", "output"):
+        t.add_column(c)
+    for rec in records:
+        t.add_row(rec.name, rec.kind, "yes" if rec.cached else "", f"{rec.seconds:.1f}", rec.output)
+    out_console.print(t)
+    sel = [rec for rec in records if rec.kind == "select"]
+    if sel:
+        rep = [rec for rec in records if rec.kind == "report"]
+        _print_selection(r.workdir / sel[-1].name / "selection.json", Path(rep[-1].output) if rep else None)
+
+
 # -- export / import ---------------------------------------------------------------------------------
 
 @export_app.command("hf")
@@ -467,6 +937,35 @@ def export_hf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint direc
 
     path = export_hf(ckpt, out)
     out_console.print(f"wrote {path}")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint directory."),
+                    out: Path = typer.Argument(..., help="GGUF file to write."),
+                    type: str = typer.Option("f16", "--type", "-t",
+                                             help="Matrix storage: f32 | f16 | q8_0 | q4_0 (norms stay f32).")):
+    """Write one GGUF file that llama.cpp (llama-cli, llama-server, llama-cpp-python, ollama) loads.
+
+    Llama, Mistral, Phi-3 and Mixtral export as llama.cpp's `llama` architecture, Qwen2 as `qwen2`; the
+    tokenizer and chat template go into the file. Linformer, Transformer-XL memory and slmkit-compressed
+    (low-rank, int8/int4) checkpoints are refused: export the model from before compression and let
+    `--type` quantize it for llama.cpp.
+
+    Examples:
+
+        slm export gguf runs/small runs/small.gguf
+
+        slm export gguf runs/small runs/small-q8_0.gguf --type q8_0
+
+        llama-cli -m runs/small-q8_0.gguf -p "def fib(n):"
+    """
+    from .export import export_gguf
+
+    result = export_gguf(ckpt, out, type=type)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    out_console.print(f"wrote {result.path} ({result.architecture}, {result.file_type}, "
+                      f"{len(result.tensor_types)} tensors, {result.bytes:,} bytes)")
 
 
 @import_app.command("hf")
@@ -489,17 +988,25 @@ def import_hf_cmd(hf_dir: Path = typer.Argument(..., help="Local Hugging Face Ll
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Where everything is written."),
-    profile: str = typer.Option("default", help="default (about 7.5 minutes on 2 cores) | tiny (seconds, for tests)."),
+    profile: str = typer.Option("default", help="default (about 15 minutes on 2 cores) | tiny (about a minute, "
+                                                "for tests)."),
+    force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and everything after it)."),
 ):
-    """Run the main job on the built-in default domain: data, tokenizer, training, evaluation, samples.
+    """Run the built-in recipe on the default domain (your Python's standard library and pydoc topics):
+    data -> teacher -> distilled student -> DPO on verifier-made pairs -> int8/int4 variants -> measured ->
+    recommended -> report.
 
-    Example:
+    It is the `quickstart` recipe (`slm run quickstart`), so an interrupted run resumes and a rerun reuses
+    every finished stage.
+
+    Examples:
 
         slm quickstart
+        slm quickstart --out runs/qs --force select
     """
     from .pipeline.quickstart import run_quickstart
 
-    run_quickstart(out, profile=profile)
+    run_quickstart(out, profile=profile, force=tuple(force or ()))
 
 
 def main() -> None:

@@ -76,8 +76,21 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
 def test_quickstart_tiny_profile(tmp_path):
     r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny")
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    assert summary["val_bits_per_byte"] < summary["untrained_bits_per_byte"]
-    assert (tmp_path / "qs" / "model" / "model.safetensors").exists() and "summary.json" in r.stdout
+    assert list(summary["stages"]) == ["data", "teacher", "student", "pairs", "aligned", "aligned-int8",
+                                       "aligned-int4", "select", "report"]
+    models = summary["models"]
+    assert set(models) == {"teacher (teacher)", "student", "aligned", "aligned-int8", "aligned-int4"}
+    for row in models.values():
+        assert row["bytes_on_disk"] > 0 and row["decode_tok_s_b1"] > 0 and row["bits_per_byte"] > 0
+        assert 0 <= row["next_line_acc"] <= 1 and 0 <= row["parse_rate"] <= 1
+    assert summary["recommended"] == "aligned-int4"  # the only candidate inside the tiny budget
+    assert summary["versus_teacher"]["bytes_ratio"] > 1
+    report = (tmp_path / "qs" / "report" / "report.md").read_text()
+    assert "Recommended: aligned-int4" in report and "| aligned-int8 |" in report and "teacher (reference)" in report
+    assert (tmp_path / "qs" / "report" / "report.html").exists() and "report:" in r.stdout
+    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny")  # a rerun reuses every stage
+    again = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert [n for n, s in again["stages"].items() if not s["cached"]] == ["report"]
 
 
 @pytest.mark.slow
