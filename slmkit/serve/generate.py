@@ -134,10 +134,18 @@ def encode_prompts(tokenizer, prompts: list[str], bos_id: int | None) -> list[li
     return rows
 
 
+def stop_token_ids(params: SamplingParams, config) -> set[int]:
+    """The token ids that end a row: `params.stop_token_ids`, or the model's eos when that is None."""
+    if params.stop_token_ids is not None:
+        return set(params.stop_token_ids)
+    return {config.eos_token_id} if config.eos_token_id is not None else set()
+
+
 # -- one row's output ----------------------------------------------------------------------------
 
-class _RowOutput:
-    """Collects one row's tokens and decides, token by token, what text is final and whether it ends."""
+class RowOutput:
+    """Collects one row's tokens and decides, token by token, what text is final and whether it ends.
+    Shared by `generate` and the continuous-batching engine (engine.py)."""
 
     def __init__(self, index: int, prompt_tokens: int, tokenizer, params: SamplingParams,
                  stop_ids: set[int], on_token: Callable[[int, str], None] | None):
@@ -223,11 +231,8 @@ def generate(model, tokenizer, prompts: list[str] | str, params: SamplingParams 
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
                          f"model's context of {cfg.max_position_embeddings} (max_position_embeddings); "
                          "shorten the prompt or lower max_new_tokens")
-    if params.stop_token_ids is not None:
-        stop_ids = set(params.stop_token_ids)
-    else:
-        stop_ids = {cfg.eos_token_id} if cfg.eos_token_id is not None else set()
-    outputs = [_RowOutput(i, len(r), tokenizer, params, stop_ids, on_token) for i, r in enumerate(rows)]
+    stop_ids = stop_token_ids(params, cfg)
+    outputs = [RowOutput(i, len(r), tokenizer, params, stop_ids, on_token) for i, r in enumerate(rows)]
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     autocast = dtype is not None and dtype != model_dtype
@@ -248,7 +253,7 @@ def _compiled_forward(cls: type) -> Callable:
     return _COMPILED[cls]
 
 
-def _run(model, rows: list[list[int]], outputs: list[_RowOutput], params: SamplingParams,
+def _run(model, rows: list[list[int]], outputs: list[RowOutput], params: SamplingParams,
          device: torch.device, cache_dtype: torch.dtype | None, compile: bool) -> float:
     """Prefill then decode until every row finishes; fills `outputs`, returns the prefill seconds."""
     cfg = model.config

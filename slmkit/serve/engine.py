@@ -1,0 +1,509 @@
+"""Continuous-batching generation engine: one scheduler thread owns the model, requests join and leave
+the running batch between decode steps.
+
+Scheduling is iteration-level (Yu et al., 2022, "Orca: A Distributed Serving System for Transformer-Based
+Generative Models"): every iteration of the scheduler thread
+  1. admits waiting requests while fewer than `max_concurrent` sequences run: the newcomers are prefilled
+     together as one left-padded batch, their first token is sampled, and they are merged into the
+     running batch;
+  2. decodes one token for every running sequence in one forward pass;
+  3. retires the sequences that finished (stop token, stop string, `max_new_tokens`) or were cancelled,
+     which frees their slots for the next iteration's admissions.
+A request therefore waits for at most one decode step before it starts, never for a whole batch to end.
+
+Batch layout: one KV cache shared by all running rows, left-padded as in `generate.py`. Row r's n_r
+tokens sit at the right end of the cache, columns [L - n_r, L) with L = `cache.length`; an attention mask
+(B, L) marks the real columns and each row has its own position ids, so a row computes exactly what it
+would compute alone. Merging two batches left-pads the shorter cache to the longer one's length and
+concatenates along the batch axis (one copy of the running cache per admission, not per step). When rows
+leave, the columns that are padding for every remaining row are cut from the left, so a long request that
+finished leaves no padding behind. While no row is padded, decode steps pass no mask at all (the
+batch-1 fast path of `generate`).
+
+Sampling and stop handling are `generate.py`'s (`sample_next`, `RowOutput`), per row: rows with equal
+(temperature, top_k, top_p) and no seed are sampled together; a request with a `seed` samples from its
+own `torch.Generator`, so its tokens do not depend on what else shares the batch (and equal
+`generate(..., seed=s)` for one prompt). Log-probabilities are the log-softmax of the model's raw logits
+(before temperature, top-k/top-p and repetition penalty), which is what OpenAI's API reports.
+
+Limits of this design: a long prompt's prefill stalls the running rows for its duration (no chunked
+prefill), and `n` samples of one prompt are prefilled separately (no prefix sharing). Linformer models
+compress the cache in fixed blocks of cache columns, so under padding their batched outputs match the
+unbatched ones only approximately (see slmkit/model/linformer.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .generate import RowOutput, SamplingParams, apply_repetition_penalty, left_pad, sample_next, stop_token_ids
+
+log = logging.getLogger("slmkit.serve.engine")
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 503)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was shut down."""
+
+
+# -- requests and events -----------------------------------------------------------------------------
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    logprobs: int | None = None  # per generated token: its logprob and the `logprobs` most likely tokens
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI `echo`)
+    score_only: bool = False  # prefill only: no token is generated (OpenAI `max_tokens=0` with `echo`)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) of the most likely tokens, most likely first
+
+
+@dataclass
+class Delta:
+    """What one decode step added to a request: text that is now final (may be empty while a stop string
+    or a split multi-byte character is unresolved), the sampled token and, when asked for, its logprob."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a row's first Delta, when requested
+
+
+@dataclass
+class Finished:
+    text: str
+    token_ids: list[int]  # without a terminating stop token
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int  # including a terminating stop token
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; the first is None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids
+    time_to_first_token: float = 0.0  # seconds from submit to the first sampled token
+    seconds: float = 0.0  # from submit to finish
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+class RequestHandle:
+    """Returned by `Engine.submit`; `cancel()` frees the request's slot at the next scheduler step."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine = engine
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._engine._wake()
+
+
+# -- one running sequence ----------------------------------------------------------------------------
+
+class _Row:
+    def __init__(self, request: EngineRequest, on_event: Callable[[Event], None], handle: RequestHandle,
+                 tokenizer, config, device: torch.device):
+        self.request, self.params, self.on_event, self.handle = request, request.params, on_event, handle
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._pending = ""  # text the RowOutput released during the current push
+        self.output = RowOutput(0, len(request.prompt_ids), tokenizer, self.params,
+                                stop_token_ids(self.params, config), self._collect)
+        self.generator = None
+        if self.params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        self.seen = None  # (V,) tokens already in the row, for the repetition penalty
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(config.vocab_size, dtype=torch.bool, device=device)
+            self.seen[request.prompt_ids] = True
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def _collect(self, _index: int, text: str) -> None:
+        self._pending += text
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.output.ids)
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.on_event(event)
+        except Exception:  # a listener that went away (closed event loop) only loses its own request
+            log.exception("event listener failed; cancelling its request")
+            self.handle.cancelled = True
+
+    def push(self, token: int, lp: TokenLogprob | None, now: float) -> bool:
+        """Add a sampled token, send what became final; True when the row has finished."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if self.seen is not None:
+            self.seen[token] = True
+        done = self.output.push(token)
+        kept = not self.output.ended_by_token  # a stop token is not part of the output
+        if lp is not None and kept:
+            self.logprobs.append(lp)
+        text, self._pending = self._pending, ""
+        if text or kept:
+            first = len(self.output.ids) <= 1
+            self.emit(Delta(text, [token] if kept else [], [lp] if lp is not None and kept else [],
+                            self.prompt_logprobs if first else None))
+        if done:
+            self.finish()
+        return done
+
+    def finish(self, reason: str | None = None) -> None:
+        out, now = self.output, time.perf_counter()
+        want_lp = self.request.logprobs is not None
+        self.emit(Finished(text=out.text, token_ids=out.ids, finish_reason=reason or out.finish_reason,
+                           prompt_tokens=out.prompt_tokens,
+                           completion_tokens=len(out.ids) + int(out.ended_by_token),
+                           prompt_logprobs=self.prompt_logprobs, logprobs=self.logprobs if want_lp else None,
+                           time_to_first_token=(self.first_token_at or now) - self.submitted,
+                           seconds=now - self.submitted))
+
+
+def _token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logprobs: (T, V) log-softmax; chosen: (T,) ids -> one TokenLogprob per position with its top k."""
+    picked = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+    if k > 0:
+        top_v, top_i = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (T, k)
+        tops = [list(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(chosen.tolist(), picked, tops)]
+
+
+# -- the running batch -------------------------------------------------------------------------------
+
+class _Batch:
+    """Running rows with one left-padded KV cache. Every row has one sampled token (`next_ids`) that is
+    not in the cache yet; it is the input of the next decode step."""
+
+    def __init__(self, rows: list[_Row], cache, mask: torch.Tensor, lengths: list[int], next_ids: torch.Tensor):
+        self.rows, self.cache, self.mask, self.lengths, self.next_ids = rows, cache, mask, lengths, next_ids
+
+    @property
+    def padded(self) -> bool:
+        return any(n != self.cache.length for n in self.lengths)
+
+    def keep(self, idx: list[int]) -> "_Batch | None":
+        """Only the rows `idx`; columns that are padding for all of them are cut from the left."""
+        if not idx:
+            return None
+        if len(idx) < len(self.rows):
+            sel = torch.tensor(idx, device=self.mask.device)
+            self.cache.select_rows(sel)
+            self.rows = [self.rows[i] for i in idx]
+            self.lengths = [self.lengths[i] for i in idx]
+            self.mask, self.next_ids = self.mask[sel], self.next_ids[sel]
+        cut = self.cache.length - max(self.lengths)
+        if cut > 0:
+            c = self.cache
+            c.keys = [k[:, :, cut:] for k in c.keys]
+            c.values = [v[:, :, cut:] for v in c.values]
+            c.length, c.max_length = c.length - cut, c.max_length - cut
+            self.mask = self.mask[:, cut:]
+        return self
+
+
+def _merge(model, a: _Batch | None, b: _Batch) -> _Batch:
+    """One batch holding a's rows then b's, both right-aligned in a cache with room for every row's
+    remaining tokens."""
+    if a is None:
+        return b
+    La, Lb = a.cache.length, b.cache.length
+    L, Ba, Bb = max(La, Lb), len(a.rows), len(b.rows)
+    room = max(r.remaining for r in a.rows + b.rows)
+    cache = model.new_cache(Ba + Bb, L + room, dtype=a.cache.keys[0].dtype)
+    for dst, src_a, src_b in ((cache.keys, a.cache.keys, b.cache.keys), (cache.values, a.cache.values, b.cache.values)):
+        for layer in range(len(dst)):
+            dst[layer][:Ba, :, L - La:L] = src_a[layer][:, :, :La]  # (Ba, n_kv, La, hd)
+            dst[layer][Ba:, :, L - Lb:L] = src_b[layer][:, :, :Lb]  # (Bb, n_kv, Lb, hd)
+    cache.length = L
+    mask = a.mask.new_zeros(Ba + Bb, L)  # (B, L)
+    mask[:Ba, L - La:], mask[Ba:, L - Lb:] = a.mask, b.mask
+    return _Batch(a.rows + b.rows, cache, mask, a.lengths + b.lengths, torch.cat([a.next_ids, b.next_ids]))
+
+
+# -- the engine --------------------------------------------------------------------------------------
+
+class Engine:
+    """Serve many concurrent generation requests from one model.
+
+    `submit(request, on_event)` queues a request; `on_event` is called from the scheduler thread with
+    `Delta`s, then one `Finished` (or `Failed`). At most `max_concurrent` sequences decode together; up to
+    `max_waiting` more wait, and `submit` raises `EngineBusy` beyond that. `dtype` (e.g. torch.bfloat16)
+    runs the model under autocast with a KV cache of that dtype, as in `generate`."""
+
+    def __init__(self, model, tokenizer, *, max_concurrent: int = 8, max_waiting: int = 64,
+                 dtype: torch.dtype | None = None):
+        if max_concurrent < 1 or max_waiting < 0:
+            raise ValueError(f"max_concurrent must be >= 1 and max_waiting >= 0, got {max_concurrent}, {max_waiting}")
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
+        self.device = next(model.parameters()).device
+        model_dtype = next(model.parameters()).dtype
+        self._autocast = dtype is not None and dtype != model_dtype
+        self._cache_dtype = dtype if self._autocast else None
+        self._amp_dtype = dtype
+        self._cond = threading.Condition()
+        self._waiting: deque[_Row] = deque()
+        self._batch: _Batch | None = None
+        self._running = 0  # rows in the batch, read by other threads under the lock
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="slmkit-engine", daemon=True)
+        self.steps = 0  # decode steps run (for tests and stats)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": self._running, "waiting": len(self._waiting),
+                    "max_concurrent": self.max_concurrent, "max_waiting": self.max_waiting}
+
+    # -- submitting --------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos_id = self.config.bos_token_id
+        if bos and bos_id is not None and (not ids or ids[0] != bos_id):
+            ids = [bos_id] + ids
+        return ids
+
+    def check(self, request: EngineRequest) -> None:
+        """Raise ValueError if the request cannot run on this model (empty, unknown ids, too long)."""
+        ids, V = request.prompt_ids, self.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {V})")
+        new = 0 if request.score_only else request.params.max_new_tokens
+        if len(ids) + new > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={new} exceeds the model's context of "
+                             f"{self.config.max_position_embeddings} tokens; shorten the prompt or lower max_tokens")
+
+    def submit(self, request: EngineRequest, on_event: Callable[[Event], None]) -> RequestHandle:
+        self.check(request)
+        handle = RequestHandle(self)
+        row = _Row(request, on_event, handle, self.tokenizer, self.config, self.device)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is shut down")
+            free_slots = max(0, self.max_concurrent - self._running)
+            if len(self._waiting) >= self.max_waiting + free_slots:
+                raise EngineBusy(f"{self._running} sequences running and {len(self._waiting)} waiting "
+                                 f"(max_concurrent={self.max_concurrent}, max_waiting={self.max_waiting})")
+            self._waiting.append(row)
+            self._cond.notify_all()
+        return handle
+
+    def stream(self, request: EngineRequest) -> Iterator[Event]:
+        """Submit and yield the request's events in this thread; leaving the loop early cancels it."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handle = self.submit(request, events.put)  # now, not at the first next()
+        return self._drain(events, handle)
+
+    @staticmethod
+    def _drain(events: queue.SimpleQueue, handle: RequestHandle) -> Iterator[Event]:
+        try:
+            while True:
+                ev = events.get()
+                yield ev
+                if isinstance(ev, (Finished, Failed)):
+                    return
+        finally:
+            handle.cancel()
+
+    def run(self, request: EngineRequest) -> Finished:
+        """Submit and wait for the result (blocking)."""
+        for ev in self.stream(request):
+            if isinstance(ev, Failed):
+                raise RuntimeError(ev.message)
+            if isinstance(ev, Finished):
+                return ev
+        raise EngineClosed("the engine stopped before the request finished")
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the scheduler thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        amp = torch.autocast(self.device.type, dtype=self._amp_dtype) if self._autocast else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and self._batch is None:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    newcomers = []
+                    while self._waiting and self._running + len(newcomers) < self.max_concurrent:
+                        row = self._waiting.popleft()
+                        if not row.handle.cancelled:
+                            newcomers.append(row)
+                    self._running += len(newcomers)
+                try:
+                    if newcomers:
+                        self._admit(newcomers)
+                    if self._batch is not None:
+                        self._step()
+                except Exception as e:  # a failing forward fails its requests, not the server
+                    log.exception("generation step failed")
+                    rows = (self._batch.rows if self._batch else []) + newcomers
+                    for row in {id(r): r for r in rows}.values():
+                        row.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                    self._batch = None
+                self._set_running()
+        self._shutdown()
+
+    def _set_running(self) -> None:
+        with self._cond:
+            self._running = len(self._batch.rows) if self._batch is not None else 0
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            rows = list(self._waiting) + (self._batch.rows if self._batch else [])
+            self._waiting.clear()
+            self._batch, self._running = None, 0
+        for row in rows:
+            row.emit(Failed("the server is shutting down"))
+
+    def _admit(self, rows: list[_Row]) -> None:
+        """Prefill `rows` together, sample their first token and merge the survivors into the batch."""
+        cfg, model = self.config, self.model
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        prompts = [r.request.prompt_ids for r in rows]
+        input_ids, mask, positions = left_pad(prompts, pad_id, self.device)  # (b, S)
+        b, S = input_ids.shape
+        room = max(1, max(r.remaining for r in rows))
+        cache = model.new_cache(b, S + room, dtype=self._cache_dtype)
+        scoring = [i for i, r in enumerate(rows) if r.request.prompt_logprobs is not None]
+        logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache,
+                       last_only=not scoring)  # (b, S or 1, V)
+        for i in scoring:  # prompt logprobs: position t predicts token t + 1
+            n, k = len(prompts[i]), rows[i].request.prompt_logprobs
+            lp = logits[i, S - n:S - 1].float().log_softmax(-1)  # (n - 1, V)
+            rows[i].prompt_logprobs = [None] + _token_logprobs(lp, input_ids[i, S - n + 1:], k)
+        last = logits[:, -1].float()  # (b, V)
+        live = []
+        for i, r in enumerate(rows):
+            if r.request.score_only:
+                r.finish("length")
+            elif not r.handle.cancelled:
+                live.append(i)
+        if not live:
+            return
+        if mask is None:
+            mask = input_ids.new_ones(b, S)
+        batch = _Batch(rows, cache, mask, [len(p) for p in prompts], input_ids[:, -1])
+        joining = self._sample_and_push(batch.keep(live), last[live])  # None if all ended at their first token
+        if joining is not None:
+            self._batch = _merge(model, self._batch, joining)
+
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        batch = self._batch
+        padded = batch.padded
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)  # (B, L + 1)
+        mask = positions = None  # no padding: plain attention over the cache, positions = cache columns
+        if padded:
+            mask = batch.mask
+            positions = torch.tensor(batch.lengths, device=self.device)[:, None]  # (B, 1)
+        logits = self.model(batch.next_ids[:, None], position_ids=positions, attention_mask=mask,
+                            cache=batch.cache, last_only=True)  # (B, 1, V)
+        batch.lengths = [n + 1 for n in batch.lengths]
+        self.steps += 1
+        self._batch = self._sample_and_push(batch, logits[:, -1].float())
+
+    def _sample_and_push(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
+        """logits: (B, V) for the batch's rows. Samples, sends events, drops finished and cancelled rows."""
+        rows = batch.rows
+        tokens = self._sample(rows, logits)  # (B,)
+        batch.next_ids = tokens
+        ids = tokens.tolist()
+        lps: list[TokenLogprob | None] = [None] * len(rows)
+        want = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        if want:
+            k = max(rows[i].request.logprobs for i in want)
+            sel = torch.tensor(want, device=logits.device)
+            found = _token_logprobs(logits[sel].log_softmax(-1), tokens[sel], k)
+            for i, lp in zip(want, found):
+                lp.top = lp.top[:rows[i].request.logprobs]
+                lps[i] = lp
+        now = time.perf_counter()
+        keep = []
+        for i, row in enumerate(rows):
+            if row.handle.cancelled:
+                continue
+            if not row.push(ids[i], lps[i], now) and not row.handle.cancelled:
+                keep.append(i)
+        return batch.keep(keep)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row, each with its own sampling parameters. logits: (B, V) -> (B,)."""
+        if any(r.seen is not None for r in rows):
+            logits = logits.clone()
+            for i, r in enumerate(rows):
+                if r.seen is not None:
+                    logits[i] = apply_repetition_penalty(logits[i], r.seen, r.params.repetition_penalty)
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.generator is not None:  # its own random stream: sampled alone
+                out[i] = sample_next(logits[i:i + 1], r.params, r.generator)[0]
+            else:
+                p = r.params
+                key = ("greedy",) if p.temperature == 0 or p.top_k == 1 else (p.temperature, p.top_k, p.top_p)
+                groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            sel = torch.tensor(idx, device=logits.device) if len(idx) < len(rows) else None
+            part = logits if sel is None else logits[sel]
+            picked = sample_next(part, rows[idx[0]].params)
+            if sel is None:
+                out = picked
+            else:
+                out[sel] = picked
+        return out

@@ -1,0 +1,536 @@
+"""OpenAI-compatible HTTP server for one checkpoint (FastAPI + uvicorn), private by default.
+
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`;
+`"stream": true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`). Requests become
+`EngineRequest`s of the continuous-batching engine (engine.py); `n` samples and lists of prompts become
+one engine sequence each.
+
+Private: binds 127.0.0.1 unless told otherwise; with an API key every `/v1` request needs
+`Authorization: Bearer KEY` (compared with `hmac.compare_digest`); prompts and completions are never
+logged unless `log_requests`; nothing here opens an outbound connection.
+
+Robust: the body size is checked before parsing (Content-Length, then while reading); every invalid
+request gets a 4xx with OpenAI's error object, never a 500; a full waiting queue answers 503 with
+Retry-After; a client that disconnects (streaming or not) has its sequences cancelled, freeing their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from .engine import Delta, Engine, EngineBusy, EngineClosed, EngineRequest, Failed, Finished
+from .generate import SamplingParams
+from .openai_responses import (CompletionLogprobs, chat_chunk, chat_logprobs, completion_chunk, merge_logprobs,
+                               new_id, now, usage)
+from .openai_schema import ApiError, ChatRequest, CompletionRequest, parse_request
+
+log = logging.getLogger("slmkit.serve")
+
+MAX_PROMPTS_PER_REQUEST = 64
+CHAT_STOP_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # None: the model's context window
+    max_n: int = 8
+    log_requests: bool = False
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request was running."""
+
+
+# -- one HTTP request's engine sequences ---------------------------------------------------------------
+
+class _Job:
+    """The engine sequences of one HTTP request. Their events, tagged with the choice index, are appended by
+    the scheduler thread to a deque, and the event loop is woken at most once per batch of events: a
+    wake-up per token per stream would keep the loop thread busy and, through the GIL, slow the scheduler
+    thread down (the convoy effect) exactly when many streams run."""
+
+    def __init__(self, engine: Engine, requests: list[EngineRequest]):
+        self._loop = asyncio.get_running_loop()
+        self._events: deque = deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+        self.handles = []
+        try:
+            for i, r in enumerate(requests):
+                self.handles.append(engine.submit(r, lambda ev, i=i: self._push(i, ev)))
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _push(self, index: int, event) -> None:  # scheduler thread
+        self._events.append((index, event))
+        if not self._wake_pending:  # a wake-up already scheduled will see this event too
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # event loop
+        self._wake_pending = False
+        self._ready.set()
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    async def events(self, request=None, poll: float = 0.5) -> AsyncIterator[list[tuple[int, object]]]:
+        """Lists of (choice index, event), in order, until every sequence ended; with `request`, checks
+        for a disconnect every `poll` seconds (a streaming response learns of it from the server)."""
+        open_ = len(self.handles)
+        while open_:
+            self._ready.clear()
+            if not self._events:
+                if request is None:
+                    await self._ready.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), poll)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            raise ClientGone() from None
+                    continue
+            batch = []
+            while self._events:
+                batch.append(self._events.popleft())
+            open_ -= sum(isinstance(ev, (Finished, Failed)) for _, ev in batch)
+            yield batch
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# -- the application ---------------------------------------------------------------------------------
+
+def create_app(engine: Engine, config: ServerConfig, chat_template=None):
+    """The FastAPI app serving `engine`; `chat_template` (a ChatTemplate) enables /v1/chat/completions.
+    The caller starts and closes the engine."""
+    app = _private_fastapi(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    api = _Api(engine, config, chat_template)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        err = ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("unexpected error")
+        err = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        api.authorize(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": api.created,
+                                            "owned_by": "slmkit"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        api.authorize(request)
+        req = parse_request(CompletionRequest, await api.read_body(request))
+        prompts, requests = api.completion_requests(req)
+        job = api.submit(requests)
+        if req.stream:
+            return _event_stream(api.stream_completion(job, req, prompts), job)
+        return await api.finish_completion(job, req, prompts, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        api.authorize(request)
+        req = parse_request(ChatRequest, await api.read_body(request))
+        prompt, requests = api.chat_requests(req)
+        job = api.submit(requests)
+        if req.stream:
+            return _event_stream(api.stream_chat(job, req, prompt), job)
+        return await api.finish_chat(job, req, prompt, request)
+
+    return app
+
+
+def _event_stream(chunks, job: _Job) -> StreamingResponse:
+    # The generator cancels its job when it ends or is closed; the background task also covers a client
+    # that left before the first chunk (a generator never started runs no cleanup).
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(job.cancel))
+
+
+def _private_fastapi(**options) -> FastAPI:
+    """FastAPI with its built-in OpenTelemetry off (recent versions record spans, metrics and exception logs,
+    and export them over OTLP when FASTAPI_OTEL_AUTO_CONFIGURE=true): nothing about a request leaves the
+    process, whatever the environment says."""
+    import inspect
+
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                                "auto_configure": False}
+    return FastAPI(**options)
+
+
+class _Api:
+    def __init__(self, engine: Engine, config: ServerConfig, chat_template):
+        self.engine, self.config, self.chat_template = engine, config, chat_template
+        self.tokenizer, self.context = engine.tokenizer, engine.config.max_position_embeddings
+        self.created = now()
+        ids = [engine.tokenizer.token_to_id(t) for t in CHAT_STOP_TOKENS]
+        eos = engine.config.eos_token_id
+        self.chat_stop_ids = sorted({i for i in ids if i is not None} | ({eos} if eos is not None else set()))
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    def authorize(self, request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' "
+                                "with the key the server was started with", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(self, request) -> bytes:
+        limit = self.config.max_body_bytes
+        too_big = ApiError(413, f"request body exceeds {limit} bytes (the server's --max-body-bytes)",
+                           code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "invalid Content-Length header", code="invalid_request")
+            if int(declared) > limit:
+                raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if self.config.log_requests:
+            log.info("%s %s %s", request.method, request.url.path, body.decode("utf-8", "replace"))
+        return body
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
+    def check_n(self, n: int, prompts: int) -> None:
+        if n > self.config.max_n:
+            raise ApiError(400, f"n={n} exceeds this server's limit of {self.config.max_n} (--max-n)",
+                           param="n", code="invalid_value")
+        capacity = self.engine.max_concurrent + self.engine.max_waiting
+        if n * prompts > capacity:
+            raise ApiError(400, f"{prompts} prompt(s) x n={n} = {n * prompts} sequences exceed what this server "
+                                f"can hold at once ({capacity}); send fewer per request", param="n",
+                           code="invalid_value")
+
+    def check_prompt(self, ids: list[int], max_tokens: int, param: str) -> None:
+        limit = min(self.config.max_prompt_tokens or self.context, self.context)
+        if len(ids) > limit:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than the limit of {limit}",
+                           param=param, code="context_length_exceeded")
+        if len(ids) + max_tokens > self.context:
+            raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens={max_tokens} exceed the model's context "
+                                f"of {self.context} tokens; lower max_tokens or shorten the prompt",
+                           param="max_tokens", code="context_length_exceeded")
+        V = self.engine.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {V})", param=param, code="invalid_value")
+
+    def submit(self, requests: list[EngineRequest]) -> _Job:
+        try:
+            return _Job(self.engine, requests)
+        except EngineBusy as e:
+            raise ApiError(503, f"the server is busy ({e}); retry shortly", type="server_error",
+                           code="server_overloaded", headers={"Retry-After": "1"}) from None
+        except EngineClosed:
+            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+
+    # -- completions -------------------------------------------------------------------------------
+
+    def completion_requests(self, req: CompletionRequest):
+        self.check_model(req.model)
+        p = req.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        if not p:
+            raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
+        if len(p) > MAX_PROMPTS_PER_REQUEST:
+            raise ApiError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(p)}",
+                           param="prompt", code="invalid_value")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens=0 generates nothing; it is only allowed with echo=true (scoring a prompt)",
+                           param="max_tokens", code="invalid_value")
+        self.check_n(req.n, len(p))
+        prompts = []  # (token ids, the prompt text echoed back)
+        for i, item in enumerate(p):
+            if isinstance(item, str):
+                if not item:
+                    raise ApiError(400, f"prompt {i} is an empty string", param="prompt", code="invalid_value")
+                ids, text = self.engine.encode(item), item
+            else:
+                if not item:
+                    raise ApiError(400, f"prompt {i} is an empty token list", param="prompt", code="invalid_value")
+                ids, text = list(item), None
+            self.check_prompt(ids, max_tokens, "prompt")
+            if text is None:
+                text = self.tokenizer.decode(ids)
+            prompts.append((ids, text))
+        score = req.echo and req.logprobs is not None
+        requests = [EngineRequest(ids, self._params(req, max(max_tokens, 1), j, None), logprobs=req.logprobs,
+                                  prompt_logprobs=req.logprobs if score else None, score_only=max_tokens == 0)
+                    for ids, _ in prompts for j in range(req.n)]
+        return prompts, requests
+
+    def _params(self, req, max_tokens: int, j: int, stop_ids: list[int] | None) -> SamplingParams:
+        seed = None if req.seed is None else req.seed + j  # n samples of one seeded request differ
+        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              stop=list(req.stop or []), seed=seed, stop_token_ids=stop_ids)
+
+    def _choice_prompt(self, prompts, req, index: int):
+        return prompts[index // req.n]
+
+    async def finish_completion(self, job: _Job, req: CompletionRequest, prompts, request) -> dict:
+        results = await self._collect(job, request)
+        choices, completion_tokens = [], 0
+        for i, f in sorted(results.items()):
+            ids, text = self._choice_prompt(prompts, req, i)
+            lp = None
+            if req.logprobs is not None:
+                fmt = CompletionLogprobs(self.tokenizer)
+                if req.echo:
+                    entries = f.prompt_logprobs or [None] * len(ids)
+                    lp = merge_logprobs(fmt.block(ids, entries), fmt.block(f.token_ids, f.logprobs or []))
+                else:
+                    lp = fmt.block(f.token_ids, f.logprobs or [])
+            choices.append({"index": i, "text": (text if req.echo else "") + f.text, "logprobs": lp,
+                            "finish_reason": f.finish_reason})
+            completion_tokens += f.completion_tokens
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
+                "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    async def stream_completion(self, job: _Job, req: CompletionRequest, prompts):
+        rid, created, model = new_id("cmpl"), now(), req.model
+        completion_tokens = 0
+        fmts = {i: CompletionLogprobs(self.tokenizer) for i in range(len(job.handles))}
+        echoed: set[int] = set()
+        try:
+            async for batch in job.events():
+                out = []  # every chunk the batch makes goes out in one write
+                for i, ev in batch:
+                    if isinstance(ev, Failed):
+                        yield "".join(out) + _sse(ApiError(500, ev.message, type="server_error").body())
+                        return
+                    if req.echo and i not in echoed:  # the prompt, before its continuation
+                        echoed.add(i)
+                        ids, text = self._choice_prompt(prompts, req, i)
+                        lp = None
+                        if req.logprobs is not None:
+                            lp = fmts[i].block(ids, ev.prompt_logprobs or [None] * len(ids))
+                        out.append(_sse(completion_chunk(rid, created, model, i, text, logprobs=lp)))
+                    if isinstance(ev, Delta):
+                        if ev.text or (req.logprobs is not None and ev.token_ids):
+                            lp = fmts[i].block(ev.token_ids, ev.logprobs) if req.logprobs is not None else None
+                            out.append(_sse(completion_chunk(rid, created, model, i, ev.text, logprobs=lp)))
+                    else:
+                        completion_tokens += ev.completion_tokens
+                        out.append(_sse(completion_chunk(rid, created, model, i, "", finish_reason=ev.finish_reason)))
+                if out:
+                    yield "".join(out)
+            if req.include_usage:
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                            "usage": usage(sum(len(ids) for ids, _ in prompts), completion_tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    # -- chat --------------------------------------------------------------------------------------
+
+    def chat_requests(self, req: ChatRequest):
+        self.check_model(req.model)
+        if self.chat_template is None:
+            raise ApiError(400, "this checkpoint has no chat template (tokenizer_config.json has no chat_template); "
+                                "use /v1/completions", code="no_chat_template")
+        from .chat_template import ChatTemplateError
+
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = self.chat_template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+        ids = self.engine.encode(prompt)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, self.context - len(ids))
+        self.check_n(req.n, 1)
+        self.check_prompt(ids, max_tokens, "messages")
+        top = req.top_logprobs or 0
+        requests = [EngineRequest(ids, self._params(req, max_tokens, j, self.chat_stop_ids),
+                                  logprobs=top if req.logprobs else None) for j in range(req.n)]
+        return ids, requests
+
+    async def finish_chat(self, job: _Job, req: ChatRequest, prompt_ids, request) -> dict:
+        results = await self._collect(job, request)
+        top = req.top_logprobs or 0
+        choices = [{"index": i, "message": {"role": "assistant", "content": f.text},
+                    "logprobs": chat_logprobs(self.tokenizer, f.logprobs, top) if req.logprobs else None,
+                    "finish_reason": f.finish_reason} for i, f in sorted(results.items())]
+        completion = sum(f.completion_tokens for f in results.values())
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model,
+                "choices": choices, "usage": usage(len(prompt_ids), completion)}
+
+    async def stream_chat(self, job: _Job, req: ChatRequest, prompt_ids):
+        rid, created, model = new_id("chatcmpl"), now(), req.model
+        completion_tokens, top = 0, req.top_logprobs or 0
+        try:
+            yield "".join(_sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
+                          for i in range(len(job.handles)))
+            async for batch in job.events():
+                out = []  # every chunk the batch makes goes out in one write
+                for i, ev in batch:
+                    if isinstance(ev, Failed):
+                        yield "".join(out) + _sse(ApiError(500, ev.message, type="server_error").body())
+                        return
+                    if isinstance(ev, Delta):
+                        if ev.text or (req.logprobs and ev.token_ids):
+                            lp = chat_logprobs(self.tokenizer, ev.logprobs, top) if req.logprobs else None
+                            out.append(_sse(chat_chunk(rid, created, model, i, {"content": ev.text}, logprobs=lp)))
+                    else:
+                        completion_tokens += ev.completion_tokens
+                        out.append(_sse(chat_chunk(rid, created, model, i, {}, finish_reason=ev.finish_reason)))
+                if out:
+                    yield "".join(out)
+            if req.include_usage:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": usage(len(prompt_ids), completion_tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    async def _collect(self, job: _Job, request) -> dict[int, Finished]:
+        results = {}
+        try:
+            async for batch in job.events(request):
+                for i, ev in batch:
+                    if isinstance(ev, Failed):
+                        raise ApiError(500, ev.message, type="server_error")
+                    if isinstance(ev, Finished):
+                        results[i] = ev
+        except ClientGone:
+            job.cancel()
+            raise ApiError(499, "client closed the connection", code="client_closed") from None
+        finally:
+            job.cancel()
+        return results
+
+
+# -- running it --------------------------------------------------------------------------------------
+
+class BackgroundServer:
+    """uvicorn serving `app` from a thread, on a socket bound before it starts (port 0: a free port).
+    Used by tests and benchmarks; `slm serve` runs uvicorn in the foreground instead."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        options = {"log_level": "warning", "access_log": False, **uvicorn_options}
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_concurrent: int = 8, max_waiting: int = 64, max_body_bytes: int = 1 << 20,
+          max_prompt_tokens: int | None = None, max_n: int = 8, log_requests: bool = False,
+          dtype: str = "auto", device: str = "auto", model_name: str | None = None) -> None:
+    """Load `checkpoint` and serve it until interrupted (the body of `slm serve`)."""
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from ..checkpoint import load_checkpoint
+    from .chat_template import load_chat_template
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    run_dtype = dtypes[dtype]
+    if dtype == "auto" and device.startswith("cuda"):
+        run_dtype = torch.bfloat16
+    ck = load_checkpoint(checkpoint, device=device)
+    template = load_chat_template(ck.path)
+    engine = Engine(ck.model, ck.tokenizer(), max_concurrent=max_concurrent, max_waiting=max_waiting, dtype=run_dtype)
+    config = ServerConfig(model_name=model_name or Path(checkpoint).resolve().name, api_key=api_key,
+                          max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+                          log_requests=log_requests)
+    if log_requests:
+        logging.basicConfig(level=logging.INFO)
+    app = create_app(engine, config, template)
+    log.warning("serving %s as %r on http://%s:%d (API key %s, chat %s)", ck.path, config.model_name, host, port,
+                "required" if api_key else "off", "on" if template else "off (no chat_template)")
+    with engine:
+        uvicorn.run(app, host=host, port=port, log_level="info" if log_requests else "warning",
+                    access_log=log_requests, timeout_graceful_shutdown=5)

@@ -1,0 +1,208 @@
+"""Continuous-batching engine: batched equals alone (rows joining mid-decode), seeds, logprobs, stop strings,
+cancellation and the bounded queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from slmkit.model import CausalLM, ModelConfig
+from slmkit.serve.engine import Delta, Engine, EngineBusy, EngineRequest, Finished
+from slmkit.serve.generate import SamplingParams, generate
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+    "Un café crème, s'il vous plaît. Déjà vu à Zürich. 日本語 🙂",
+] * 4
+
+PROMPTS = ["def add(a, b):", "The quick", "Un café crème, s'il vous plaît and more words", "x"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128)
+    m = CausalLM(cfg).eval()
+    with torch.no_grad():  # larger weights than the init: greedy outputs vary and logits are not near-ties
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return m
+
+
+@pytest.fixture()
+def engine(model, tokenizer):
+    with Engine(model, tokenizer, max_concurrent=4, max_waiting=8) as eng:
+        yield eng
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=[], **kw)
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+def test_rows_joining_mid_decode_equal_each_prompt_alone(engine, model, tokenizer):
+    lengths = [20, 9, 14, 6]  # different lengths: rows retire at different steps, the cache is compacted
+    alone = [generate(model, tokenizer, p, greedy(n))[0] for p, n in zip(PROMPTS, lengths)]
+    results: dict[int, Finished] = {}
+    done = threading.Event()
+    steps_at_join = []
+
+    def listener(i):
+        def on_event(ev):
+            if isinstance(ev, Finished):
+                results[i] = ev
+                if len(results) == len(PROMPTS):
+                    done.set()
+            # Row 0 has decoded 3 tokens: the others join a running, differently padded batch.
+            if i == 0 and isinstance(ev, Delta) and engine.steps >= 2 and not steps_at_join:
+                steps_at_join.append(engine.steps)
+                for j in range(1, len(PROMPTS)):
+                    engine.submit(EngineRequest(engine.encode(PROMPTS[j]), greedy(lengths[j])), listener(j))
+        return on_event
+
+    engine.submit(EngineRequest(engine.encode(PROMPTS[0]), greedy(lengths[0])), listener(0))
+    assert done.wait(30)
+    assert steps_at_join and steps_at_join[0] >= 2
+    for i, ref in enumerate(alone):
+        assert results[i].token_ids == ref.token_ids, f"prompt {i} changed when batched"
+        assert results[i].text == ref.text and results[i].finish_reason == "length"
+        assert results[i].prompt_tokens == ref.prompt_tokens
+    assert wait_idle(engine)["running"] == 0
+
+
+def test_concurrent_threads_equal_alone_and_deltas_concatenate(engine, model, tokenizer):
+    alone = [generate(model, tokenizer, p, greedy(10))[0].text for p in PROMPTS]
+    got: list[str | None] = [None] * len(PROMPTS)
+
+    def client(i):
+        text = ""
+        for ev in engine.stream(EngineRequest(engine.encode(PROMPTS[i]), greedy(10))):
+            if isinstance(ev, Delta):
+                text += ev.text
+            elif isinstance(ev, Finished):
+                assert ev.text == text
+                got[i] = text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == alone
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine, model, tokenizer):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    ref = generate(model, tokenizer, PROMPTS[1], params)[0].token_ids
+    alone = engine.run(EngineRequest(engine.encode(PROMPTS[1]), params)).token_ids
+    others = [engine.stream(EngineRequest(engine.encode(p), SamplingParams(max_new_tokens=12, temperature=1.0)))
+              for p in (PROMPTS[0], PROMPTS[2])]
+    first = [next(o) for o in others]  # both are running now
+    beside = engine.run(EngineRequest(engine.encode(PROMPTS[1]), params)).token_ids
+    for o in others:
+        list(o)
+    assert all(isinstance(f, Delta) for f in first)
+    assert alone == ref and beside == ref
+
+
+@torch.inference_mode()
+def test_prompt_and_token_logprobs_equal_a_direct_forward(engine, model, tokenizer):
+    ids = engine.encode(PROMPTS[2])
+    res = engine.run(EngineRequest(ids, greedy(3), logprobs=3, prompt_logprobs=2))
+    full = model(torch.tensor([ids + res.token_ids[:-1]])).float().log_softmax(-1)[0]  # (T, V)
+    assert res.prompt_logprobs[0] is None and len(res.prompt_logprobs) == len(ids)
+    for t in range(1, len(ids)):
+        e = res.prompt_logprobs[t]
+        assert e.token_id == ids[t] and abs(e.logprob - full[t - 1, ids[t]].item()) < 1e-4
+        assert [i for i, _ in e.top] == full[t - 1].topk(2).indices.tolist()
+    for k, e in enumerate(res.logprobs):  # generated tokens: greedy, so each is its own top-1
+        pos = len(ids) - 1 + k
+        assert e.token_id == res.token_ids[k] == e.top[0][0]
+        assert abs(e.logprob - full[pos, e.token_id].item()) < 1e-4 and len(e.top) == 3
+
+
+def test_score_only_generates_nothing(engine):
+    res = engine.run(EngineRequest(engine.encode("The quick"), greedy(1), prompt_logprobs=0, score_only=True))
+    assert res.token_ids == [] and res.completion_tokens == 0 and len(res.prompt_logprobs) == res.prompt_tokens
+
+
+def test_stop_strings_match_generate(engine, model, tokenizer):
+    ref = generate(model, tokenizer, PROMPTS[0], greedy(16))[0].text
+    stop = next(ref[i:i + 2] for i in range(3, len(ref) - 1) if ref[i:i + 2].strip() and ref.find(ref[i:i + 2]) == i)
+    expected = generate(model, tokenizer, PROMPTS[0], greedy(16, stop=[stop]))[0]
+    got = engine.run(EngineRequest(engine.encode(PROMPTS[0]), greedy(16, stop=[stop])))
+    assert got.text == expected.text == ref[:ref.find(stop)] and got.finish_reason == "stop"
+
+
+def test_cancel_frees_the_slot(model, tokenizer):
+    with Engine(model, tokenizer, max_concurrent=1, max_waiting=1) as engine:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        long = engine.submit(EngineRequest(engine.encode("x"), greedy(100)), events.put)
+        assert isinstance(events.get(timeout=10), Delta)  # running
+        waiting = engine.stream(EngineRequest(engine.encode("The quick"), greedy(5)))
+        with pytest.raises(EngineBusy):  # one running, one waiting: the queue is full
+            engine.submit(EngineRequest(engine.encode("y"), greedy(5)), lambda ev: None)
+        long.cancel()
+        assert isinstance(list(waiting)[-1], Finished)  # the waiting request got the slot
+        wait_idle(engine)
+        seen = []
+        while not events.empty():
+            seen.append(events.get())
+        assert not any(isinstance(e, Finished) for e in seen) and len(seen) < 100
+
+
+def test_leaving_a_stream_early_cancels_it(engine):
+    stream = engine.stream(EngineRequest(engine.encode("x"), greedy(100)))
+    next(stream)
+    stream.close()  # the generator's cleanup cancels the request
+    wait_idle(engine)
+    assert engine.steps < 100
+
+
+@pytest.mark.parametrize("ids, n, match", [([], 1, "no tokens"), ([1, 10**6], 1, "outside the vocabulary"),
+                                           ([1, 5], 127, "exceeds the model's context")])
+def test_bad_requests_raise(engine, ids, n, match):
+    with pytest.raises(ValueError, match=match):
+        engine.submit(EngineRequest(ids, greedy(n)), lambda ev: None)
+
+
+def test_newcomers_ending_at_their_first_token_leave_the_batch_intact(engine, model, tokenizer):
+    ref = generate(model, tokenizer, PROMPTS[0], greedy(12))[0].token_ids
+    stream = engine.stream(EngineRequest(engine.encode(PROMPTS[0]), greedy(12)))
+    got = next(stream).token_ids  # running
+    short = [engine.run(EngineRequest(engine.encode(p), greedy(1))) for p in PROMPTS[1:]]
+    for ev in stream:
+        got += ev.token_ids if isinstance(ev, Delta) else []
+    assert got == ref and all(r.completion_tokens == 1 for r in short)
+    wait_idle(engine)
