@@ -4,7 +4,7 @@ For each plan: parameters, nonzero parameters, bytes of the stored tensors, held
 tokens/s at batch 1 — the dense row is measured in the same process each time, so ratios are like for like.
 Then KD recovery: the 50% Wanda-pruned model is distilled from the dense one (zeros stay zero) and scored again.
 
-    python benchmarks/compress_quality.py --ckpt runs/quickstart/model --data runs/quickstart/data
+    python benchmarks/compress_quality.py --ckpt runs/quickstart/teacher --data runs/quickstart/data
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ run:
 - held-out bits per byte of the dataset's val split (does the model still model the domain?),
 - held-out preference accuracy on pairs the optimiser did not see (start -> end).
 
-    python benchmarks/dpo_quality.py --ckpt runs/quickstart/model --data runs/quickstart/data
+    python benchmarks/dpo_quality.py --ckpt runs/quickstart/student --data runs/quickstart/data
     python benchmarks/dpo_quality.py --quick            # trains a tiny model first; a smoke run of minutes
 
 Without --ckpt a model is pretrained here first (`--pretrain-steps`) on a default-domain dataset built with
