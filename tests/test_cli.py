@@ -77,7 +77,8 @@ def test_quickstart_tiny_profile(tmp_path):
     r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny")
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert list(summary["stages"]) == ["data", "teacher", "student", "pairs", "aligned", "aligned-int8",
-                                       "aligned-int4", "select", "report"]
+                                       "aligned-int4", "select", "report", "gguf"]
+    assert (tmp_path / "qs" / "gguf" / "model-q8_0.gguf").stat().st_size > 0
     models = summary["models"]
     assert set(models) == {"teacher (teacher)", "student", "aligned", "aligned-int8", "aligned-int4"}
     for row in models.values():

@@ -19,6 +19,13 @@ the pass's format (int4: groups of `group_size` along hidden_size, which it must
   `model.embed_tokens.packed.*`; nothing under `lm_head`);
 - untied: `lm_head` is quantized as an ordinary target (Int8Linear / Int4Linear); the input embedding stays
   in float (a gather reads only T rows, so it costs bytes on disk, not time).
+
+`kernel` (quant.int8, and quant.gptq with bits=8) picks how the int8 modules multiply; the stored tensors are
+the same either way: `weight_only` keeps activations in float (torch's `_weight_int8pack_mm` at decode, the
+exact dequantized matmul elsewhere); `dynamic` also quantizes each call's activations to 7-bit integers and
+runs fbgemm's integer GEMM (W8A8 dynamic, see `qlinear.py`); `auto` is `DEFAULT_INT8_KERNEL`. The report
+records the resolved kernel and replay builds that one, so a checkpoint runs the arithmetic it was measured
+with (checkpoints from before this option record none and replay as `weight_only`).
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ import torch
 from torch import nn
 
 from .base import PROJECTIONS, Calibration, PassError, collect_inputs, decoder_layers, register_pass, set_module
-from .qlinear import (INT4_QMAX, INT8_QMAX, QUANTIZED_LINEARS, Int4Linear, Int8Linear, QuantizedEmbedding,
-                      TiedQuantizedHead, int4_params, int8_scales, quantize_int4, quantize_int8)
+from .qlinear import (INT4_QMAX, INT8_KERNELS, INT8_QMAX, QUANTIZED_LINEARS, Int4Linear, Int8Linear,
+                      QuantizedEmbedding, TiedQuantizedHead, int4_params, int8_scales, quantize_int4, quantize_int8)
 
 GROUP_SIZES = (32, 64, 128)
 ALLOWED_TARGETS = (*PROJECTIONS, "lm_head")
+KERNEL_CHOICES = ("auto", *INT8_KERNELS)
+DEFAULT_INT8_KERNEL = "dynamic"  # what kernel=auto means for int8: the measured trade-off is in README.md
 
 
 # -- configs ---------------------------------------------------------------------------------------------------
@@ -66,10 +75,24 @@ class _QuantConfig:
         if not isinstance(self.embeddings, bool):
             raise self._fail("embeddings", "must be true or false")
 
+    def _check_kernel(self) -> None:
+        if self.kernel not in KERNEL_CHOICES:
+            raise self._fail("kernel", f"must be one of {list(KERNEL_CHOICES)}")
+        if self.bits == 4 and self.kernel == "dynamic":
+            raise self._fail("kernel", "needs bits=8: 4-bit weights have only the weight_only kernel")
+
     @property
     def group(self) -> int | None:
         """Group size of the stored format (None: one scale per output channel)."""
         return self.group_size if self.bits == 4 else None
+
+    @property
+    def resolved_kernel(self) -> str:
+        """The Int8Linear kernel this config builds ("weight_only" for 4-bit formats)."""
+        kernel = getattr(self, "kernel", "weight_only")
+        if self.bits != 8:
+            return "weight_only"
+        return DEFAULT_INT8_KERNEL if kernel == "auto" else kernel
 
 
 @dataclass(frozen=True)
@@ -81,10 +104,12 @@ class Int8Config(_QuantConfig):
     bits: int = 8
     targets: tuple[str, ...] = PROJECTIONS
     embeddings: bool = False
+    kernel: str = "auto"  # auto | weight_only | dynamic (W8A8 dynamic activations)
 
     def __post_init__(self) -> None:
         self._check_common()
         self._check_embeddings()
+        self._check_kernel()
 
     @property
     def group(self) -> int | None:
@@ -120,10 +145,12 @@ class GPTQConfig(_QuantConfig):
     damp: float = 0.01
     block_size: int = 128
     targets: tuple[str, ...] = PROJECTIONS
+    kernel: str = "auto"  # for bits=8: auto | weight_only | dynamic; bits=4 runs weight_only
 
     def __post_init__(self) -> None:
         self._check_common()
         self._check_group()
+        self._check_kernel()
         if not isinstance(self.act_order, bool):
             raise self._fail("act_order", "must be true or false")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
@@ -216,14 +243,15 @@ def _report(cfg: _QuantConfig, method: str, before: dict[str, int], model: nn.Mo
     after = {n: _module_bytes(model.get_submodule(n)) for n in before}
     return {"modules": list(before), "bits": cfg.bits, "group_size": cfg.group,
             "scheme": "symmetric per-channel" if cfg.bits == 8 else "asymmetric per-group, integer zero point",
-            "method": method, "target_bytes_before": sum(before.values()), "target_bytes_after": sum(after.values()),
+            "kernel": cfg.resolved_kernel, "method": method,
+            "target_bytes_before": sum(before.values()), "target_bytes_after": sum(after.values()),
             "skipped": skipped, **extra}
 
 
 def _quantized_module(linear: nn.Linear, cfg: _QuantConfig, codes: torch.Tensor, scales: torch.Tensor,
                       zeros: torch.Tensor | None, pass_name: str) -> nn.Module:
     if cfg.bits == 8:
-        m = Int8Linear.from_codes(linear, codes, scales)
+        m = Int8Linear.from_codes(linear, codes, scales, cfg.resolved_kernel)
     else:
         m = Int4Linear.from_codes(linear, codes, scales, zeros, cfg.group)
     m.quantized_by = pass_name
@@ -243,12 +271,13 @@ def _apply_rtn(model: nn.Module, cfg: _QuantConfig) -> tuple[nn.Module, dict]:
         emb_before = _module_bytes(model.lm_head)
     for name, linear in targets.items():
         with torch.no_grad():
-            new = Int8Linear.from_linear(linear) if cfg.bits == 8 else Int4Linear.from_linear(linear, cfg.group)
+            new = (Int8Linear.from_linear(linear, cfg.resolved_kernel) if cfg.bits == 8
+                   else Int4Linear.from_linear(linear, cfg.group))
         new.quantized_by = cfg.pass_name
         set_module(model, name, new)
     if plan == "tied":
         with torch.no_grad():
-            emb = QuantizedEmbedding.from_embedding(model.model.embed_tokens, cfg.bits, cfg.group)
+            emb = QuantizedEmbedding.from_embedding(model.model.embed_tokens, cfg.bits, cfg.group, cfg.resolved_kernel)
         emb.packed.quantized_by = cfg.pass_name
         _tie_quantized(model, emb)
         extra = {"embeddings": "tied", "embedding_modules": ["model.embed_tokens", "lm_head"],
@@ -264,13 +293,17 @@ def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
     """Swap the recorded modules for empty quantized ones of the same shapes (works on the meta device)."""
     bits = record.get("bits", cfg.bits)
     group = record.get("group_size", cfg.group)
+    kernel = record.get("kernel", "weight_only")  # absent: recorded before the option existed
+    if kernel not in INT8_KERNELS:
+        raise PassError(f"{cfg.pass_name}: cannot replay: the recorded report has kernel={kernel!r}; "
+                        f"expected one of {list(INT8_KERNELS)} (was slmkit.json edited?)")
     for name in record["modules"]:
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear):
             raise PassError(f"{cfg.pass_name}: cannot replay quantization of {name}: it is a {type(old).__name__}")
         kw = dict(device=old.weight.device, dtype=old.weight.dtype)
         if bits == 8:
-            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, **kw)
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, kernel=kernel, **kw)
         else:
             new = Int4Linear(old.in_features, old.out_features, old.bias is not None, group, **kw)
         new.quantized_by = cfg.pass_name
@@ -280,7 +313,7 @@ def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
         if not isinstance(old, nn.Embedding):
             raise PassError(f"{cfg.pass_name}: cannot replay quantization of the tied embeddings: "
                             f"model.embed_tokens is a {type(old).__name__}")
-        emb = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, bits, group,
+        emb = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, bits, group, kernel=kernel,
                                  device=old.weight.device, dtype=old.weight.dtype)
         emb.packed.quantized_by = cfg.pass_name
         _tie_quantized(model, emb)

@@ -366,7 +366,7 @@ def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
         from ..export.gguf import export_gguf
 
         target = out / f"model-{opts.type}.gguf"
-        export_gguf(opts.ckpt, target, opts.type)
+        export_gguf(opts.ckpt, target, type=opts.type)
         return {"format": "gguf", "type": opts.type, "bytes": target.stat().st_size}
     raise RecipeError(f"{ctx.recipe.source}: export format must be hf or gguf, not {opts.format!r}")
 

@@ -23,13 +23,14 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_lay
 
 # (pass, options, max relative logit error vs the float model)
 PASSES = [
-    ("quant.int8", {}, 0.01),
+    ("quant.int8", {"kernel": "weight_only"}, 0.01),
+    ("quant.int8", {"kernel": "dynamic"}, 0.03),  # + per-token 7-bit activations: ~1.2% here
     ("quant.int4", {"group_size": 32}, 0.08),
     ("quant.gptq", {"bits": 4, "group_size": 32}, 0.08),
     ("quant.gptq", {"bits": 4, "group_size": 32, "act_order": True}, 0.08),
-    ("quant.gptq", {"bits": 8}, 0.01),
+    ("quant.gptq", {"bits": 8, "kernel": "weight_only"}, 0.01),
 ]
-IDS = ["int8", "int4-g32", "gptq4-g32", "gptq4-g32-act", "gptq8"]
+IDS = ["int8", "int8-dynamic", "int4-g32", "gptq4-g32", "gptq4-g32-act", "gptq8"]
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalLM:
@@ -107,6 +108,8 @@ def test_pass_contract(name, options, tol, calib, tmp_path):
     ("quant.gptq", {"damp": 0.0}, "damp"),
     ("quant.gptq", {"group_size": 128, "block_size": 64}, "block_size"),
     ("quant.int4", {"targets": ("q_proj", "embed_tokens")}, "targets"),
+    ("quant.int8", {"kernel": "vnni"}, "kernel"),
+    ("quant.gptq", {"bits": 4, "kernel": "dynamic"}, "kernel"),
 ])
 def test_invalid_config_names_pass_and_field(name, options, field):
     with pytest.raises(PassError, match=rf"{name}: .*{field}"):

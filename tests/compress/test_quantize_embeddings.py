@@ -19,8 +19,11 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             num_key_value_heads=2)
 # int4 g32 round-to-nearest on Gaussian-initialised weights errs ~8.5% per weight, and with the tied matrix
 # quantized the logit error sits at 9.5-10.6% across seeds: seed 0 (9.5%) is checked against the 10% bound.
-CASES = [("quant.int8", {"embeddings": True}, 0.01), ("quant.int4", {"group_size": 32, "embeddings": True}, 0.10)]
-IDS = ["int8", "int4-g32"]
+# int8 with the dynamic kernel adds per-token 7-bit activation rounding: 1.2% here.
+CASES = [("quant.int8", {"embeddings": True, "kernel": "weight_only"}, 0.01),
+         ("quant.int8", {"embeddings": True, "kernel": "dynamic"}, 0.03),
+         ("quant.int4", {"group_size": 32, "embeddings": True}, 0.10)]
+IDS = ["int8", "int8-dynamic", "int4-g32"]
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalLM:
@@ -76,8 +79,11 @@ def test_tied_embedding_contract(name, options, tol, tmp_path):
     # the gather equals the dense dequantized table's rows; the head's logits equal x·Wᵀ
     with torch.no_grad():
         assert torch.allclose(emb(x), emb.dequantize()[x], atol=1e-6)
-        h = torch.randn(2, 40, 64)  # many rows: the exact dequantize path
-        assert torch.allclose(head(h), h @ emb.dequantize().t(), atol=1e-4)
+        h = torch.randn(2, 40, 64)  # many rows: the exact dequantize path (weight_only)
+        if options.get("kernel") == "dynamic":  # per-token 7-bit activations (bound: test_int8_kernels.py)
+            assert rel(head(h), h @ emb.dequantize().t()) < 0.02  # measured 1.1% on Gaussian rows
+        else:
+            assert torch.allclose(head(h), h @ emb.dequantize().t(), atol=1e-4)
     fresh, f = reload(model, name, cfg, report, tmp_path)
     saved = load_file(str(f))
     assert not any(k.startswith("lm_head.") for k in saved)
@@ -101,7 +107,15 @@ def test_kv_cache_decode_equals_full_forward(name, options, tol):
         full = model(x)
         cache = model.new_cache(2, 16)
         parts = [model(x[:, :6], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(6, 10)]
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)
+    if options.get("kernel") == "dynamic":
+        # Rows are quantized independently, so the prefill equals the full forward bit for bit. In the decode
+        # steps a 2e-8 difference of the attention output moved one o_proj activation across a 7-bit rounding
+        # boundary, and this random model's tiny residual stream (RMSNorm divides by ~0.02) amplifies that
+        # step to ~1%: the scale of the kernel's own error against fp32 (1.2% above), not a cache bug.
+        assert torch.equal(parts[0], full[:, :6])
+        assert rel(torch.cat(parts, 1), full) < 0.02
+    else:
+        assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)
 
 
 def test_untied_embeddings_quantize_lm_head_as_a_target(tmp_path):
@@ -109,7 +123,7 @@ def test_untied_embeddings_quantize_lm_head_as_a_target(tmp_path):
     x = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         ref = model(x)
-    model, report, cfg = run_pass(model, "quant.int8", {"embeddings": True})
+    model, report, cfg = run_pass(model, "quant.int8", {"embeddings": True, "kernel": "weight_only"})
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, torch.nn.Embedding)
     assert "lm_head" in report["modules"] and report["embeddings"] == "untied"
     with torch.no_grad():
