@@ -37,8 +37,8 @@ DEFAULT_VAL_FRACTION = 0.01  # `slm data`'s default
 @dataclass(frozen=True)
 class FunctionTask:
     id: str  # "stdlib/json/decoder.py:123:JSONDecoder.decode"
-    prompt: str  # signature + docstring, column 0, ending with a newline
-    body: str  # the reference body (indented as in the prompt)
+    prompt: str  # signature + docstring, column 0, without the newline that ends its last line
+    body: str  # the reference body (indented as in the prompt), starting with that newline
     name: str  # qualified name
 
 
@@ -118,9 +118,11 @@ def file_function_tasks(doc_id: str, text: str, *, max_prompt_chars: int = 1200,
         body = _dedent(lines[prompt_end:node.end_lineno], width)
         if prompt is None or body is None:
             continue
-        prompt_text, body_text = "".join(prompt), "".join(body).rstrip() + "\n"
-        if not prompt_text.endswith("\n"):
-            prompt_text += "\n"
+        # The prompt stops before the newline that ends the docstring (or signature) line: in training text
+        # byte-level BPE merges that newline with the next line's indentation into one token, so a prompt
+        # ending in a bare "\n" would put the model at a token boundary it has rarely seen.
+        prompt_text = "".join(prompt).rstrip("\n")
+        body_text = "\n" + "".join(body).rstrip() + "\n"
         if len(prompt_text) > max_prompt_chars or body_text.count("\n") > max_body_lines:
             continue
         try:
@@ -131,16 +133,31 @@ def file_function_tasks(doc_id: str, text: str, *, max_prompt_chars: int = 1200,
     return tasks
 
 
+FUNCTION_PARTS = ("all", "eval", "pairs")
+
+
+def function_part(task_id: str) -> str:
+    """'eval' or 'pairs': a fixed half of the functions each (by a hash of the id, independent of the seed), so
+    that preference pairs are never made from the prompts that measure what DPO did."""
+    return "eval" if hashlib.sha256(f"part:{task_id}".encode()).digest()[0] < 128 else "pairs"
+
+
 def function_prompts(*, limit: int = 200, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION,
                      files: Iterable[tuple[str, Path]] | None = None, max_prompt_chars: int = 1200,
-                     max_body_lines: int = 25, require_docstring: bool = True) -> list[FunctionTask]:
-    """Up to ``limit`` function-completion tasks from held-out files, in a seeded, stable order."""
+                     max_body_lines: int = 25, require_docstring: bool = True, part: str = "all"
+                     ) -> list[FunctionTask]:
+    """Up to ``limit`` function-completion tasks from held-out files, in a seeded, stable order; ``part``
+    keeps only the `eval` or the `pairs` half (see `function_part`)."""
+    if part not in FUNCTION_PARTS:
+        raise ValueError(f"part={part!r} must be one of {', '.join(FUNCTION_PARTS)}")
     tasks = []
     for doc_id, path in heldout_files(val_fraction, files):
         text = _read(path)
         if text is not None:
             tasks += file_function_tasks(doc_id, text, max_prompt_chars=max_prompt_chars,
                                          max_body_lines=max_body_lines, require_docstring=require_docstring)
+    if part != "all":
+        tasks = [t for t in tasks if function_part(t.id) == part]
     tasks.sort(key=lambda t: _rank(seed, t.id))
     return tasks[:limit]
 

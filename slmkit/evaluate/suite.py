@@ -4,8 +4,9 @@ Task names:
 - `lm`: bits per byte, perplexity and top-1 accuracy on the dataset's held-out split (needs `--data`);
 - `next-line`: built in, default domain — pick the real next line of a held-out standard-library file among
   distractor lines from other held-out files (multiple choice, `acc` and `acc_norm`);
-- `function-parse`: built in, default domain — complete a held-out function from its signature and
-  docstring; the pass rate is the fraction whose completion parses (`python-syntax` verifier);
+- `function-parse`: built in, default domain — complete a held-out function from its signature (and
+  docstring, where it has one); the pass rate is the fraction whose completion parses (`python-syntax`
+  verifier). These are the `eval` half of the functions; `slm pairs --prompts default` uses the other half;
 - `PATH.jsonl`: a task file (multiple choice or generation, see `slmkit.evaluate.tasks`); a generation file
   is scored with ROUGE-L against `reference`, or with a verifier given after `@`:
   `prompts.jsonl@python-syntax`, `api.jsonl@json:schema=schema.json`.
@@ -59,7 +60,8 @@ def builtin_task(name: str, cfg: SuiteConfig, val_fraction: float | None = None)
         raw = default_tasks.next_line_items(limit=cfg.items, seed=cfg.seed, val_fraction=vf)
         items = [ChoiceItem(r.context, list(r.choices), r.answer) for r in raw]
         return TaskData(name, "choice", items)
-    raw = default_tasks.function_prompts(limit=cfg.items, seed=cfg.seed, val_fraction=vf)
+    raw = default_tasks.function_prompts(limit=cfg.items, seed=cfg.seed, val_fraction=vf, require_docstring=False,
+                                         part="eval")
     return TaskData(name, "generation", [GenerationItem(r.prompt, r.body) for r in raw])
 
 

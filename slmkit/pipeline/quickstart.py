@@ -27,9 +27,10 @@ PROFILES: dict[str, list[str]] = {
     # ranked by the teacher's log-likelihood (graded: the best and worst sample of each prompt make a pair).
     "tiny": ["data.max_bytes=300000", "data.vocab_size=512", "data.val_fraction=0.05",
              "*.time_budget_s=null", "*.seq_len=128", "*.batch_size=8", "*.eval_tokens=4096",
-             "teacher.model=micro", "teacher.steps=30", "student.student=micro", "student.steps=10",
-             "pairs.limit=8", "pairs.max_new_tokens=24", "pairs.verifier=teacher:ckpt=@teacher",
+             "teacher.model=micro", "teacher.steps=30", "student.steps=10",
+             "pairs.limit=8", "pairs.k=4", "pairs.max_new_tokens=24", "pairs.verifier=teacher:ckpt=@teacher",
              "aligned.steps=4", "aligned.batch_size=4",
+             'aligned-int4.passes=["quant.int4:group_size=64,embeddings=true"]',  # micro: hidden 64
              "select.items=16", "select.max_new_tokens=24", "select.max_tokens=4096", "select.seq_len=128",
              "select.bench_prompt_len=16", "select.bench_new_tokens=8", "select.bench_repeats=1",
              "select.budget=bytes<=150KB"],

@@ -60,16 +60,16 @@ def test_functions_and_methods_become_dedented_prompts_with_reference_bodies():
     assert set(tasks) == {"documented", "decorated", "Reader.fetch"}  # read(): a string left of its def
     t = tasks["documented"]
     assert t.id == "stdlib/m.py:5:documented"
-    assert t.prompt == 'def documented(path, *, mode="r"):\n    """Open ``path``.\n\n    More words.\n    """\n'
-    assert t.body == "    with open(path, mode) as f:\n        return f.read()\n"
+    assert t.prompt == 'def documented(path, *, mode="r"):\n    """Open ``path``.\n\n    More words.\n    """'
+    assert t.body == "\n    with open(path, mode) as f:\n        return f.read()\n"
     m = tasks["Reader.fetch"]
-    assert m.prompt.startswith("async def fetch(self):\n") and m.body.startswith("    await")
+    assert m.prompt.startswith("async def fetch(self):\n") and m.body.startswith("\n    await")
     assert tasks["decorated"].prompt.startswith("def decorated")  # decorators dropped
     for task in tasks.values():
         ast.parse(task.prompt + task.body)
     loose = {t.name: t for t in file_function_tasks("stdlib/m.py", MODULE, require_docstring=False)}
-    assert loose["undocumented"].prompt == "def undocumented(x):\n"
-    assert loose["undocumented"].body == "    return x + 1\n"
+    assert loose["undocumented"].prompt == "def undocumented(x):"
+    assert loose["undocumented"].body == "\n    return x + 1\n"
     assert file_function_tasks("stdlib/bad.py", "def broken(:\n") == []
 
 
@@ -142,7 +142,18 @@ def test_real_default_domain_is_heldout_and_parses():
     for t in tasks:
         doc_id = t.id.rsplit(":", 2)[0]
         assert doc_id.startswith("stdlib/") and split_of(doc_id, 0.02) == "val"
-        assert t.prompt.startswith(("def ", "async def ")) and t.prompt.endswith("\n")
+        assert t.prompt.startswith(("def ", "async def ")) and not t.prompt.endswith("\n")
         ast.parse(t.prompt + t.body)
     items = next_line_items(limit=10, val_fraction=0.02)
     assert len(items) == 10 and all(split_of(i.id.rsplit(":", 1)[0], 0.02) == "val" for i in items)
+
+
+def test_eval_and_pairs_halves_are_disjoint_and_together_all(fake_stdlib):
+    from slmkit.data.default_tasks import function_prompts
+
+    every = {t.id for t in function_prompts(limit=1000, val_fraction=0.5, files=fake_stdlib)}
+    ev = {t.id for t in function_prompts(limit=1000, val_fraction=0.5, files=fake_stdlib, part="eval")}
+    pa = {t.id for t in function_prompts(limit=1000, val_fraction=0.5, files=fake_stdlib, part="pairs")}
+    assert ev and pa and not ev & pa and ev | pa == every
+    with pytest.raises(ValueError, match="part='test'"):
+        function_prompts(limit=1, files=fake_stdlib, part="test")
