@@ -23,7 +23,15 @@ Two measured facts (AMD EPYC, AVX2, torch 2.13, one thread) shape the dispatch:
   `module.kernel_dtype = torch.float32` (or on the class) for bit-faithful fp32 kernel results;
 - for many rows (prefill, evaluation, calibration) dequantize-then-matmul beats both kernels, so the
   kernels only serve inputs of at most `KERNEL_MAX_ROWS` rows; larger inputs, CUDA, autograd, and shapes
-  a kernel rejects take the exact dequantize-then-matmul path in the activation dtype.
+  a kernel rejects take the exact dequantize-then-matmul path in the activation dtype;
+- for small layers the kernels lose to a plain fp32 matmul even at batch 1 (128x128: 31 us int4, 33 us int8,
+  35 us int8 dynamic against 10 us fp32; 768x2048: 281 / 169 / 79 against 167 us), because their fixed cost per
+  call dominates. So decode-sized inputs go through a choice, `kernel_choice` (per module or on the class):
+  `packed` (the kernel), `dense` (F.linear with a dequantized copy of the weight, cached like the kernel
+  tensors: the exact reference, 4 bytes per weight in memory) or `auto` (default): both are timed on the first
+  such input (min of 5 interleaved calls; one row and several rows are measured apart) and `dense` is kept
+  only if it is at least 10% faster, and only for layers of at most `DENSE_MAX_WEIGHTS` weights. The file on
+  disk is the same either way: the choice trades a little memory for speed where a kernel does not pay.
 
 `Int8Linear` has a second execution path, `kernel="dynamic"`: W8A8 with activations quantized on the fly per
 row (per token, asymmetric, 7 bits; Jacob et al., 2018 for the integer arithmetic, per-token scales as in
@@ -47,6 +55,7 @@ the value the dynamic kernel approximates.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -54,6 +63,10 @@ import torch.nn.functional as F
 from torch import nn
 
 KERNEL_MAX_ROWS = 16  # decode-sized inputs use the packed kernels; larger ones dequantize once per call
+KERNEL_CHOICES = ("auto", "packed", "dense")
+DENSE_MAX_WEIGHTS = 1 << 20  # `auto` may keep a dequantized copy of layers up to this size (4 MiB in fp32)
+TUNE_TRIALS = 5
+TUNE_MARGIN = 0.9  # `dense` must be at least 10% faster to be chosen
 INT8_QMAX = 127
 INT4_QMAX = 15
 INT4_KERNEL_OFFSET = 8  # torch's int4 kernel computes w = (q - 8) * scale + zero
@@ -156,6 +169,7 @@ class _QuantizedLinear(nn.Module):
     edits all invalidate the cache."""
 
     kernel_dtype: torch.dtype | None = torch.bfloat16
+    kernel_choice: str = "auto"  # decode-sized inputs: "auto" (measured), "packed" or "dense"
     quantized_by: str = ""
     _source_buffers: tuple[str, ...] = ()
 
@@ -166,6 +180,8 @@ class _QuantizedLinear(nn.Module):
                                                      requires_grad=False) if bias else None)
         self._kernel_ok = True
         self._kernel_cache: tuple | None = None  # (dtype, ((buffer, tensor, version), ...), derived), never saved
+        self._dense_cache: tuple | None = None  # the same for the dequantized weight of the `dense` path
+        self._choices: dict = {}  # (input dtype, one row?) -> "packed" | "dense", measured by `auto`
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -177,9 +193,11 @@ class _QuantizedLinear(nn.Module):
     def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
         raise NotImplementedError
 
-    def _kernel_tensors(self, dtype) -> tuple:
-        c, buffers = self._kernel_cache, self._buffers
-        if c is not None and c[0] is dtype:
+    def _cached(self, slot: str, key, make):
+        """`make()` cached in attribute `slot` under `key`, valid while the source buffers are the same tensors
+        at the same version (see the class docstring)."""
+        c, buffers = getattr(self, slot), self._buffers
+        if c is not None and c[0] is key:
             for name, t, version in c[1]:
                 now = buffers[name]
                 if now is not t or (version >= 0 and now._version != version):
@@ -189,16 +207,56 @@ class _QuantizedLinear(nn.Module):
         # inference tensors have no version counter (and cannot be edited outside inference mode): -1
         sources = tuple((n, buffers[n], -1 if buffers[n].is_inference() else buffers[n]._version)
                         for n in self._source_buffers)
-        self._kernel_cache = (dtype, sources, self._derive(dtype))
-        return self._kernel_cache[2]
+        value = make()
+        setattr(self, slot, (key, sources, value))
+        return value
+
+    def _kernel_tensors(self, dtype) -> tuple:
+        return self._cached("_kernel_cache", dtype, lambda: self._derive(dtype))
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized (out, in) weight in `dtype`, kept for the `dense` small-input path."""
+        return self._cached("_dense_cache", dtype, lambda: self.dequantize(dtype).contiguous())
+
+    def _small_input_choice(self, x: torch.Tensor, packed_fn) -> str:
+        """`packed` or `dense` for a decode-sized input like `x`: the module's `kernel_choice`, or with `auto`
+        the faster of the two timed on this input (min of interleaved calls), remembered per (dtype, one row
+        or several; a state-dict load measures again). Only layers of at most DENSE_MAX_WEIGHTS weights
+        may keep a dense copy."""
+        choice = self.kernel_choice
+        if choice != "auto":
+            if choice not in KERNEL_CHOICES:
+                raise ValueError(f"{type(self).__name__}.kernel_choice={choice!r} must be one of {list(KERNEL_CHOICES)}")
+            return choice
+        if self.in_features * self.out_features > DENSE_MAX_WEIGHTS:
+            return "packed"
+        key = (x.dtype, x.numel() == self.in_features)
+        found = self._choices.get(key)
+        if found is None:
+            dense_fn = lambda: F.linear(x, self._dense_weight(x.dtype))  # noqa: E731
+            packed_fn(), dense_fn()  # warm: derive and cache both, first-call allocations
+            best = {"packed": float("inf"), "dense": float("inf")}
+            for _ in range(TUNE_TRIALS):
+                for name, fn in (("packed", packed_fn), ("dense", dense_fn)):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            found = self._choices[key] = "dense" if best["dense"] < TUNE_MARGIN * best["packed"] else "packed"
+            if "dense" not in self._choices.values():
+                self._dense_cache = None  # keep no copy that is not used
+        return found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self._parameters["bias"]
         if (x.is_cpu and self._kernel_ok and x.numel() <= KERNEL_MAX_ROWS * self.in_features
                 and x.dtype in _KERNEL_INPUT_DTYPES and not (x.requires_grad and torch.is_grad_enabled())):
             dtype = self.kernel_dtype if x.dtype is torch.float32 and self.kernel_dtype is not None else x.dtype
+            x2 = x.reshape(-1, self.in_features)
             try:
-                y = self._matmul(x.reshape(-1, self.in_features).to(dtype), self._kernel_tensors(dtype))  # (rows, out)
+                packed_fn = lambda: self._matmul(x2.to(dtype), self._kernel_tensors(dtype))  # noqa: E731 (rows, out)
+                if self._small_input_choice(x, packed_fn) == "dense":
+                    return F.linear(x, self._dense_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+                y = packed_fn()
             except RuntimeError:
                 self._kernel_ok = False  # no kernel for this shape/build: remember, take the exact path
             else:
@@ -221,7 +279,7 @@ class _QuantizedLinear(nn.Module):
         return total + b, self._nonzero_weights() + b_nz
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_cache, self._kernel_ok = None, True
+        self._kernel_cache, self._dense_cache, self._kernel_ok, self._choices = None, None, True, {}
         super()._load_from_state_dict(*args, **kwargs)
 
 
@@ -284,22 +342,29 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kernel == "dynamic" and self._dynamic_ok and x.is_cpu and x.dtype in _KERNEL_INPUT_DTYPES
                 and x.numel() and not (x.requires_grad and torch.is_grad_enabled())):
+            bias = self._parameters["bias"]
             try:
-                packed, row_sums = self._kernel_tensors(_DYNAMIC)
+                self._kernel_tensors(_DYNAMIC)
             except RuntimeError:
                 self._dynamic_ok = False  # no fbgemm here: remember, take the weight-only path
             else:
-                xf = x if x.dtype is torch.float32 else x.float()
-                if x.numel() == self.in_features:  # one row (decode at batch 1): per tensor is per row already
-                    y = _LINEAR_DYNAMIC(xf, packed, True)  # (..., out): the op keeps leading dims
-                else:
-                    y = _dynamic_per_row(xf.reshape(-1, self.in_features), packed, row_sums)  # (rows, out) fp32
-                    y = y.view(x.shape[:-1] + (self.out_features,))
-                if y.dtype is not x.dtype:
-                    y = y.to(x.dtype)
-                bias = self._parameters["bias"]
+                if (x.numel() <= KERNEL_MAX_ROWS * self.in_features
+                        and self._small_input_choice(x, lambda: self._dynamic(x)) == "dense"):
+                    return F.linear(x, self._dense_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+                y = self._dynamic(x)
                 return y if bias is None else y + bias.to(x.dtype)
         return super().forward(x)
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype through fbgemm's W8A8 kernel, without the bias."""
+        packed, row_sums = self._kernel_tensors(_DYNAMIC)
+        xf = x if x.dtype is torch.float32 else x.float()
+        if x.numel() == self.in_features:  # one row (decode at batch 1): per tensor is per row already
+            y = _LINEAR_DYNAMIC(xf, packed, True)  # (..., out): the op keeps leading dims
+        else:
+            y = _dynamic_per_row(xf.reshape(-1, self.in_features), packed, row_sums)  # (rows, out) fp32
+            y = y.view(x.shape[:-1] + (self.out_features,))
+        return y if y.dtype is x.dtype else y.to(x.dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._dynamic_ok = True

@@ -4,8 +4,9 @@ Timed with the model's own KV cache, greedy, on a fixed synthetic prompt (the to
 arithmetic), so every candidate is measured the same way:
 
 - prefill tokens/s: one forward over a `prompt_len` prompt, batch 1 and batch 8;
-- decode tokens/s: `new_tokens` single-token steps after the prefill, batch 1 and batch 8 (tokens across
-  the batch per second), and milliseconds per decode step at batch 1;
+- decode tokens/s: `new_tokens` single-token steps after the prefill, each timed; the step time is the median
+  step (an interrupted step does not count), tokens/s is batch / step time (batch 1 and 8), and milliseconds
+  per decode step at batch 1;
 - time to first token: prefill plus the first sample at batch 1;
 - peak resident memory: the process's high-water mark (`ru_maxrss`) after loading and running, which is
   only meaningful when the checkpoint is measured in a fresh process — `bench_in_subprocess` does that;
@@ -13,6 +14,9 @@ arithmetic), so every candidate is measured the same way:
 
 Every timing is the median of `repeats` runs after a warm-up, and the result describes the machine
 (CPU model, cores, threads, torch version), because figures from different machines do not compare.
+`bench_side_by_side` times several models in rotating rounds in one process, so that their *ratios* hold on
+a machine whose speed drifts (a 2-vCPU virtual machine measured the same checkpoint at 376 and 762 tok/s in
+back-to-back runs); `slm select` uses it for every candidate and reference.
 """
 
 from __future__ import annotations
@@ -71,53 +75,90 @@ def peak_rss_bytes() -> int:
 
 @torch.inference_mode()
 def _time_once(model, batch: int, cfg: BenchConfig, amp) -> tuple[float, float, float]:
-    """(prefill seconds, time to first token, decode seconds for new_tokens steps)."""
+    """(prefill seconds, time to first token, median seconds of one decode step)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     prompt = (torch.arange(batch * cfg.prompt_len, device=device) * 7919 % vocab).view(batch, cfg.prompt_len)
     cache = model.new_cache(batch, cfg.prompt_len + cfg.new_tokens + 1,
                             dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps = []
     with amp():
         t0 = time.perf_counter()
         logits = model(prompt, cache=cache, last_only=True)
+        sync()
         t_prefill = time.perf_counter() - t0
         nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         _ = nxt.tolist()  # the first token exists on the host: time to first token
         ttft = time.perf_counter() - t0
-        t1 = time.perf_counter()
         for _ in range(cfg.new_tokens):
+            t1 = time.perf_counter()
             logits = model(nxt, cache=cache, last_only=True)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-        _ = nxt.tolist()
-        t_decode = time.perf_counter() - t1
-    return t_prefill, ttft, t_decode
+            sync()
+            steps.append(time.perf_counter() - t1)
+    return t_prefill, ttft, statistics.median(steps)
 
 
-def bench_model(model, cfg: BenchConfig = BenchConfig()) -> dict:
-    """Timings of an already loaded model (see the module docstring)."""
+def _amp(cfg: BenchConfig, device: torch.device):
     import contextlib
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = next(model.parameters()).device
+    return ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16"
+            else contextlib.nullcontext)
+
+
+def _check_context(model, cfg: BenchConfig) -> None:
     limit = model.config.max_position_embeddings
     if cfg.prompt_len + cfg.new_tokens + 1 > limit:
         raise ValueError(f"prompt_len {cfg.prompt_len} + new_tokens {cfg.new_tokens} exceeds the model's "
                          f"context of {limit}; lower --prompt-len or --new-tokens")
-    amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16"
-           else contextlib.nullcontext)
+
+
+def _summarise(runs: list[tuple[float, float, float]], batch: int, cfg: BenchConfig) -> dict:
+    prefill = statistics.median(r[0] for r in runs)
+    step = statistics.median(r[2] for r in runs)
+    out = {f"prefill_tok_s_b{batch}": batch * cfg.prompt_len / prefill, f"decode_tok_s_b{batch}": batch / step}
+    if batch == 1:
+        out["ttft_ms"] = 1000 * statistics.median(r[1] for r in runs)
+        out["decode_ms_per_token"] = 1000 * step
+    return out
+
+
+def bench_model(model, cfg: BenchConfig = BenchConfig()) -> dict:
+    """Timings of an already loaded model (see the module docstring)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _check_context(model, cfg)
+    amp = _amp(cfg, next(model.parameters()).device)
     model.eval()
     out: dict = {}
     for b in cfg.batch_sizes:
-        _time_once(model, b, cfg, amp)  # warm-up: allocator, kernels, caches
-        runs = [_time_once(model, b, cfg, amp) for _ in range(cfg.repeats)]
-        prefill = statistics.median(r[0] for r in runs)
-        decode = statistics.median(r[2] for r in runs)
-        out[f"prefill_tok_s_b{b}"] = b * cfg.prompt_len / prefill
-        out[f"decode_tok_s_b{b}"] = b * cfg.new_tokens / decode
-        if b == 1:
-            out["ttft_ms"] = 1000 * statistics.median(r[1] for r in runs)
-            out["decode_ms_per_token"] = 1000 * decode / cfg.new_tokens
+        _time_once(model, b, cfg, amp)  # warm-up: allocator, kernels, caches, the kernel choice
+        out.update(_summarise([_time_once(model, b, cfg, amp) for _ in range(cfg.repeats)], b, cfg))
+    return out
+
+
+def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = BenchConfig()) -> dict[str, dict]:
+    """Timings of several loaded models measured in rounds: each round times every model once, in an order
+    that rotates from round to round, so a slow phase of a shared or virtual machine (another process, a
+    busy host) falls on all of them alike and their ratios hold. Medians over `cfg.repeats` rounds."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    names = list(models)
+    for m in models.values():
+        _check_context(m, cfg)
+        m.eval()
+    out: dict[str, dict] = {n: {} for n in names}
+    for b in cfg.batch_sizes:
+        runs: dict[str, list] = {n: [] for n in names}
+        for n in names:
+            _time_once(models[n], b, cfg, _amp(cfg, next(models[n].parameters()).device))  # warm-up
+        for r in range(cfg.repeats):
+            for i in range(len(names)):
+                n = names[(i + r) % len(names)]
+                runs[n].append(_time_once(models[n], b, cfg, _amp(cfg, next(models[n].parameters()).device)))
+        for n in names:
+            out[n].update(_summarise(runs[n], b, cfg))
     return out
 
 
@@ -144,24 +185,43 @@ def bench_checkpoint(path: str | Path, cfg: BenchConfig = BenchConfig()) -> dict
 
 def bench_in_subprocess(path: str | Path, cfg: BenchConfig = BenchConfig(), *, timeout: float = 1800) -> dict:
     """`bench_checkpoint` in a fresh Python process, so the peak memory is this checkpoint's alone."""
-    cmd = [sys.executable, "-m", "slmkit.evaluate.bench", str(path), "--config", json.dumps(asdict(cfg))]
+    return _run_child([str(path)], cfg, timeout)
+
+
+def side_by_side_in_subprocess(paths: dict[str, str | Path], cfg: BenchConfig = BenchConfig(), *,
+                               timeout: float = 3600) -> dict[str, dict]:
+    """`bench_side_by_side` of the checkpoints `paths` (name -> directory), all loaded in one fresh process."""
+    return _run_child(["--side-by-side", json.dumps({n: str(p) for n, p in paths.items()})], cfg, timeout)
+
+
+def _run_child(args: list[str], cfg: BenchConfig, timeout: float):
+    cmd = [sys.executable, "-m", "slmkit.evaluate.bench", *args, "--config", json.dumps(asdict(cfg))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {path} failed:\n{proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"benchmark of {' '.join(args)} failed:\n{proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _main(argv: list[str]) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description="Benchmark one checkpoint and print JSON (used by bench_in_subprocess).")
-    p.add_argument("ckpt")
+    p = argparse.ArgumentParser(description="Benchmark checkpoints and print JSON (used by the *_in_subprocess "
+                                            "functions).")
+    p.add_argument("ckpt", nargs="?")
+    p.add_argument("--side-by-side", help="JSON object name -> checkpoint: time them in rounds in this process")
     p.add_argument("--config", default="{}")
     a = p.parse_args(argv)
     raw = json.loads(a.config)
     if "batch_sizes" in raw:
         raw["batch_sizes"] = tuple(raw["batch_sizes"])
-    print(json.dumps(bench_checkpoint(a.ckpt, BenchConfig(**raw))))
+    cfg = BenchConfig(**raw)
+    if a.side_by_side:
+        from ..checkpoint import load_checkpoint
+
+        models = {n: load_checkpoint(p).model for n, p in json.loads(a.side_by_side).items()}
+        print(json.dumps(bench_side_by_side(models, cfg)))
+    else:
+        print(json.dumps(bench_checkpoint(a.ckpt, cfg)))
 
 
 if __name__ == "__main__":

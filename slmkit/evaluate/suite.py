@@ -14,6 +14,7 @@ Task names:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -41,9 +42,14 @@ def parse_tasks(text: str | list[str] | None) -> list[str]:
     items = text if isinstance(text, list) else [t for t in text.split(",")]
     tasks = [t.strip() for t in items if t.strip()]
     for t in tasks:
-        if t not in BUILTIN_TASKS and not t.split("@", 1)[0].endswith(".jsonl"):
-            raise TaskError(f"unknown task {t!r}: use {', '.join(BUILTIN_TASKS)} or a .jsonl task file "
-                            "(optionally FILE.jsonl@VERIFIER)")
+        if t.split("@", 1)[0].endswith(".jsonl"):
+            continue
+        name, _, count = t.partition(":")
+        if name not in BUILTIN_TASKS:
+            raise TaskError(f"unknown task {t!r}: use {', '.join(BUILTIN_TASKS)} (NAME:N for N items) or a .jsonl "
+                            "task file (optionally FILE.jsonl@VERIFIER)")
+        if count and (name == "lm" or not count.isdigit() or int(count) < 1):
+            raise TaskError(f"task {t!r}: ':N' sets the item count of next-line or function-parse, N >= 1")
     return tasks
 
 
@@ -88,7 +94,12 @@ def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig
         else:
             path, _, scorer = name.partition("@")
             vf = data.meta.get("val_fraction") if data is not None else None
-            task = builtin_task(name, cfg, vf) if name in BUILTIN_TASKS else load_task_file(path)
+            builtin, _, count = name.partition(":")  # next-line:400 -> 400 items instead of cfg.items
+            if builtin in BUILTIN_TASKS:
+                name = builtin
+                task = builtin_task(name, dataclasses.replace(cfg, items=int(count)) if count else cfg, vf)
+            else:
+                task = load_task_file(path)
             if task.kind == "choice":
                 res = score_choice_task(model, tokenizer, task.items, batch_size=cfg.batch_size, bos_id=bos,
                                         progress=progress)

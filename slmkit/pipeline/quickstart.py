@@ -31,7 +31,7 @@ PROFILES: dict[str, list[str]] = {
              "pairs.limit=8", "pairs.k=4", "pairs.max_new_tokens=24", "pairs.verifier=teacher:ckpt=@teacher",
              "aligned.steps=4", "aligned.batch_size=4",
              'aligned-int4.passes=["quant.int4:group_size=64,embeddings=true"]',  # micro: hidden 64
-             "select.items=16", "select.max_new_tokens=24", "select.max_tokens=4096", "select.seq_len=128",
+             "select.items=16", "select.tasks=[lm,next-line,function-parse]", "select.max_new_tokens=24", "select.max_tokens=4096", "select.seq_len=128",
              "select.bench_prompt_len=16", "select.bench_new_tokens=8", "select.bench_repeats=1",
              "select.budget=bytes<=150KB"],
 }

@@ -290,6 +290,9 @@ class SelectOptions:
     bench_prompt_len: int = 128
     bench_new_tokens: int = 64
     bench_repeats: int = 5
+    # Time all candidates and references in rotating rounds in one process (their speed ratios hold on a
+    # machine whose speed drifts); each is still benched alone once for its peak memory.
+    side_by_side: bool = True
 
 
 def _named(value: Any) -> dict[str, str]:
@@ -299,19 +302,25 @@ def _named(value: Any) -> dict[str, str]:
 
 
 def run_select(opts: SelectOptions, out: Path, ctx: RunContext) -> dict:
-    from ..evaluate.bench import BenchConfig
+    from ..evaluate.bench import BenchConfig, side_by_side_in_subprocess
     from ..evaluate.select import MeasureConfig, choose, measure
     from ..evaluate.suite import SuiteConfig, parse_tasks
 
+    bench = BenchConfig(prompt_len=opts.bench_prompt_len, new_tokens=opts.bench_new_tokens, repeats=opts.bench_repeats)
     cfg = MeasureConfig(tasks=parse_tasks(list(opts.tasks)),
                         suite=SuiteConfig(seq_len=opts.seq_len, max_tokens=opts.max_tokens, items=opts.items,
                                           max_new_tokens=opts.max_new_tokens),
-                        bench=BenchConfig(prompt_len=opts.bench_prompt_len, new_tokens=opts.bench_new_tokens,
-                                          repeats=opts.bench_repeats))
+                        bench=dataclasses.replace(bench, repeats=1) if opts.side_by_side else bench)
     cache = ctx.recipe.workdir / ".measure-cache"
     candidates = _named(opts.candidates)
-    refs = {n: measure(p, opts.data, cfg, cache, log=ctx.log) for n, p in _named(opts.references).items()}
+    references = _named(opts.references)
+    refs = {n: measure(p, opts.data, cfg, cache, log=ctx.log) for n, p in references.items()}
     rows = [measure(p, opts.data, cfg, cache, log=ctx.log) for p in candidates.values()]
+    if opts.side_by_side:
+        ctx.log(f"      timing {len(candidates) + len(references)} models side by side, {bench.repeats} rounds")
+        speeds = side_by_side_in_subprocess({**{f"ref:{n}": p for n, p in references.items()}, **candidates}, bench)
+        for n, row in [*((f"ref:{n}", r) for n, r in refs.items()), *zip(candidates, rows)]:
+            row.update(speeds[n], speed_timing=f"side by side, median of {bench.repeats} rounds")
     selection = choose(rows, list(candidates), opts.budget, opts.objective, refs)
     (out / "selection.json").write_text(json.dumps(selection, indent=2))
     rec = selection["recommended"]

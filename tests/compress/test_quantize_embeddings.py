@@ -102,6 +102,7 @@ def test_kv_cache_decode_equals_full_forward(name, options, tol):
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.kernel_dtype = torch.float32  # bit-faithful kernels: decode steps use them, the full forward does not
+            m.kernel_choice = "packed"  # never the measured dense path: this test is about the kernels
     x = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         full = model(x)

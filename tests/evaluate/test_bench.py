@@ -37,3 +37,33 @@ def test_bench_in_a_fresh_process_and_bad_config(ckpt):
         bench_checkpoint(ckpt, BenchConfig(prompt_len=120, new_tokens=16, repeats=1))
     with pytest.raises(ValueError, match="dtype"):
         BenchConfig(dtype="int3")
+
+
+def test_side_by_side_times_every_model_in_rotating_rounds(ckpt, monkeypatch):
+    from slmkit.evaluate import bench as bench_mod
+    from slmkit.checkpoint import load_checkpoint
+
+    models = {"a": load_checkpoint(ckpt).model, "b": load_checkpoint(ckpt).model, "c": load_checkpoint(ckpt).model}
+    order = []
+    real = bench_mod._time_once
+
+    def spy(model, batch, cfg, amp):
+        order.append(next(n for n, m in models.items() if m is model))
+        return real(model, batch, cfg, amp)
+
+    monkeypatch.setattr(bench_mod, "_time_once", spy)
+    cfg = BenchConfig(prompt_len=8, new_tokens=4, batch_sizes=(1,), repeats=3)
+    out = bench_mod.bench_side_by_side(models, cfg)
+    assert order == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then 3 rotations
+    for n in models:
+        assert out[n]["decode_tok_s_b1"] > 0 and out[n]["prefill_tok_s_b1"] > 0 and out[n]["ttft_ms"] > 0
+
+
+def test_side_by_side_in_a_fresh_process(ckpt):
+    from slmkit.evaluate.bench import side_by_side_in_subprocess
+
+    out = side_by_side_in_subprocess({"x": ckpt, "y": ckpt}, BenchConfig(prompt_len=8, new_tokens=4,
+                                                                          batch_sizes=(1, 2), repeats=1))
+    assert set(out) == {"x", "y"} and all(out[n]["decode_tok_s_b2"] > 0 for n in out)
+    with pytest.raises(RuntimeError, match="benchmark of --side-by-side"):
+        side_by_side_in_subprocess({"x": ckpt.parent / "missing"}, BenchConfig(repeats=1))

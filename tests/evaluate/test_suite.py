@@ -66,3 +66,12 @@ def test_eval_and_bench_commands(ckpt, tmp_path):
     r = slm("bench", ckpt, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1, "--batch-sizes", "1,2",
             "--json", tmp_path / "b.json")
     assert "time to first token" in r.stdout and json.loads((tmp_path / "b.json").read_text())["decode_tok_s_b2"] > 0
+
+
+def test_item_count_per_builtin_task(ckpt, tiny_dataset):
+    assert parse_tasks("lm,next-line:7,function-parse:3") == ["lm", "next-line:7", "function-parse:3"]
+    for bad in ("lm:5", "next-line:x", "next-line:0", "nextline:5"):
+        with pytest.raises(TaskError, match=bad.replace(":", ".")):
+            parse_tasks(bad)
+    res = evaluate_checkpoint(ckpt, ["next-line:7"], data=tiny_dataset, cfg=SuiteConfig(items=3))
+    assert res["tasks"]["next-line"]["items"] == 7 and "next_line_acc" in res["summary"]
