@@ -132,3 +132,51 @@ def test_compress_through_the_cli(tmp_path, tiny_dataset, tiny_model_yaml):
     r = slm("compress", ck, "--data", tiny_dataset, "--pass", "quant.int8", "--pass", "prune.magnitude",
             "--out", tmp_path / "bad", ok=False)
     assert r.returncode == 2 and "quantize last" in r.stderr and not (tmp_path / "bad").exists()
+
+
+EXPECTED_COMMANDS = ["data", "train", "distill", "teacher-cache", "sft", "pairs", "dpo", "merge-lora", "compress",
+                     "generate", "serve", "eval", "info", "bench", "select", "run", "quickstart", "export", "import"]
+
+
+def test_every_command_is_registered_in_order_and_help_imports_no_torch():
+    import typer
+
+    from slmkit.cli import app
+
+    group = typer.main.get_command(app)
+    assert list(group.commands) == EXPECTED_COMMANDS
+    assert list(group.commands["export"].commands) == ["hf", "gguf"]
+    assert list(group.commands["import"].commands) == ["hf"]
+    # `slm --help` (and `slm X --help`) must stay fast: the library behind a command is imported in its body
+    probe = ("import sys\nfrom slmkit.cli import main\nsys.argv = ['slm', *sys.argv[1:], '--help']\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('torch' in sys.modules, file=sys.stderr)")
+    for args in ([], ["eval"], ["export", "gguf"]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode == 0 and "Usage" in r.stdout, r.stderr
+        assert r.stderr.strip() == "False", (args, r.stderr)
+
+
+def test_eval_refuses_a_dataset_made_with_another_tokenizer(tmp_path, tiny_dataset, monkeypatch, capsys):
+    from slmkit.checkpoint import save_checkpoint
+    from slmkit.cli import main
+    from slmkit.data import build_dataset
+    from slmkit.model import CausalLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ck = save_checkpoint(CausalLM(cfg), tmp_path / "ck", tokenizer_from=tiny_dataset)
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"other words number {i} " * 300)
+    other = tmp_path / "other"
+    build_dataset([str(tmp_path / "corpus")], other, vocab_size=280, val_fraction=0.3, progress=False)
+    monkeypatch.setenv("COLUMNS", "1000")
+    for tasks in ("lm", "lm,next-line"):  # the lm-only path and the task suite
+        monkeypatch.setattr(sys, "argv", ["slm", "eval", str(ck), "--data", str(other), "--tasks", tasks])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        err = " ".join(capsys.readouterr().err.split())  # as one line, however the console wrapped it
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert f"{ck}/tokenizer.json" in err and f"is not the tokenizer dataset {other} was built with" in err
+        assert f"--tokenizer {ck}`" in err

@@ -114,17 +114,11 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
     model = ck.model.eval()
     calib, evaluate = None, None
     if data is not None:
-        from ..data import open_dataset, token_byte_lengths
+        from ..data import check_same_tokenizer, open_dataset, token_byte_lengths
         from ..evaluate.lm import evaluate_lm
 
         ds = open_dataset(data)
-        ck_tok = ck.tokenizer_path
-        if ck_tok is not None:
-            import hashlib
-
-            if hashlib.sha256(ck_tok.read_bytes()).hexdigest() != ds.meta.get("tokenizer_sha256"):
-                raise PassError(f"calibration data {data} was tokenized with another tokenizer than {ckpt}; "
-                                f"rebuild it with `slm data ... --tokenizer {ckpt}`")
+        check_same_tokenizer(ds, ck.tokenizer_path)
         if any(get_pass(s.name).needs_calibration for s in specs):
             calib = calibration_from_dataset(ds, samples=calib_samples, seq_len=calib_seq_len)
         lengths = token_byte_lengths(ds.tokenizer())

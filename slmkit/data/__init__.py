@@ -1,13 +1,14 @@
 """Data pipeline: sources -> cleaning/PII scrub -> byte-level BPE tokenizer -> memory-mapped token shards.
 
 Build with :func:`build_dataset`; read with :func:`open_dataset` (``Dataset.split("val").window(...)``);
-:func:`token_byte_lengths` gives the per-token byte counts that make bits-per-byte exact.
+:func:`token_byte_lengths` gives the per-token byte counts that make bits-per-byte exact;
+:func:`check_same_tokenizer` refuses a dataset whose ids were made by another tokenizer than a model's.
 """
 
 from .build import build_dataset, split_of
 from .clean import clean_text, luhn_valid, scrub_pii
-from .errors import DataError
-from .shards import FORMAT, Dataset, TokenStream, open_dataset, token_dtype
+from .errors import DataError, TokenizerMismatchError
+from .shards import FORMAT, Dataset, TokenStream, check_same_tokenizer, open_dataset, token_dtype
 from .sources import DEFAULT_SOURCE_LABEL, Document, SkipLog, iter_documents
 from .tokenizer import (
     CHAT_TEMPLATE,
@@ -30,7 +31,9 @@ __all__ = [
     "Document",
     "SkipLog",
     "TokenStream",
+    "TokenizerMismatchError",
     "build_dataset",
+    "check_same_tokenizer",
     "clean_text",
     "encode_documents",
     "iter_documents",

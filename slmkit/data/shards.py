@@ -7,6 +7,7 @@ token count and the dtype, and a reader checks each file's size against it befor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, TokenizerMismatchError
 
 FORMAT = "slmkit.dataset/1"
 DEFAULT_SHARD_TOKENS = 64 * 1024 * 1024
@@ -137,6 +138,12 @@ class Dataset:
         return self.path / "tokenizer.json"
 
     @property
+    def tokenizer_sha256(self) -> str:
+        """Digest of the tokenizer.json that made the token ids: recorded in meta.json by `slm data`, else
+        (a hand-made dataset) computed from the tokenizer.json beside the shards."""
+        return self.meta.get("tokenizer_sha256") or hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
+
+    @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
@@ -200,3 +207,26 @@ def open_dataset(path: str | Path) -> Dataset:
     for name in ds.splits:  # validates every shard file now rather than mid-training
         ds.split(name)
     return ds
+
+
+def check_same_tokenizer(ds: Dataset, tokenizer_file: str | Path | None, *, alternative: str | None = None) -> None:
+    """Refuse to use `ds` with a model whose tokenizer is `tokenizer_file` (a checkpoint's tokenizer.json)
+    unless that file is byte-identical to the tokenizer the dataset's ids were made with: with another
+    tokenizer the same ids spell other text, so losses, bits per byte, calibration statistics and distillation
+    targets would all be silently wrong. `None` (a checkpoint without a tokenizer.json) is not checked.
+
+    Raises TokenizerMismatchError naming both files and the `slm data` command that fixes it; `alternative`
+    ("use `slm distill --mode sequence`") is offered as a second way out where there is one."""
+    if tokenizer_file is None:
+        return
+    tokenizer_file = Path(tokenizer_file)
+    mine = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    theirs = ds.tokenizer_sha256
+    if mine == theirs:
+        return
+    owner = tokenizer_file.parent
+    fix = (f"rebuild the dataset with that tokenizer (`slm data <sources> --out <new dir> --tokenizer {owner}`)"
+           + (f" or {alternative}" if alternative else ""))
+    raise TokenizerMismatchError(
+        f"{tokenizer_file} (sha256 {mine[:12]}) is not the tokenizer dataset {ds.path} was built with "
+        f"({ds.tokenizer_path}, sha256 {theirs[:12]}): the same token ids would mean other text; {fix}")

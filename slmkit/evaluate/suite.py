@@ -129,16 +129,12 @@ def evaluate_checkpoint(path: str | Path, tasks: list[str], *, data: str | Path 
                         cfg: SuiteConfig = SuiteConfig(), progress=None) -> dict:
     """Load a checkpoint (and dataset) and `run_suite`; the dataset must share the checkpoint's tokenizer."""
     from ..checkpoint import load_checkpoint
-    from ..data import open_dataset
+    from ..data import check_same_tokenizer, open_dataset
 
     ck = load_checkpoint(path)
     ds = open_dataset(data) if data is not None else None
-    if ds is not None and ck.tokenizer_path is not None:
-        import hashlib
-
-        if hashlib.sha256(ck.tokenizer_path.read_bytes()).hexdigest() != ds.meta.get("tokenizer_sha256"):
-            raise TaskError(f"{path}/tokenizer.json differs from the dataset's tokenizer ({data}); rebuild the "
-                            f"dataset with `slm data ... --tokenizer {path}`")
+    if ds is not None:
+        check_same_tokenizer(ds, ck.tokenizer_path)
     if ck.tokenizer_path is None:
         raise TaskError(f"{path}: no tokenizer.json; tasks need the checkpoint's tokenizer")
     result = run_suite(ck.model, ck.tokenizer(), tasks, data=ds, cfg=cfg, progress=progress)

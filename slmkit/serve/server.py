@@ -10,20 +10,19 @@ Private: binds 127.0.0.1 unless told otherwise; with an API key every `/v1` requ
 logged unless `log_requests`; nothing here opens an outbound connection.
 
 Robust: the body size is checked before parsing (Content-Length, then while reading); every invalid
-request gets a 4xx with OpenAI's error object, never a 500; a full waiting queue answers 503 with
-Retry-After; a client that disconnects (streaming or not) has its sequences cancelled, freeing their slots.
+request gets a 4xx with OpenAI's error object, never a 500 (the checks and limits are in limits.py); a full
+waiting queue answers 503 with Retry-After; a client that disconnects (streaming or not) has its sequences
+cancelled, freeing their slots.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -33,24 +32,16 @@ from starlette.exceptions import HTTPException
 
 from .engine import Delta, Engine, EngineBusy, EngineClosed, EngineRequest, Failed, Finished
 from .generate import SamplingParams
+from .limits import MAX_PROMPTS_PER_REQUEST, RequestGuard, ServerConfig
 from .openai_responses import (CompletionLogprobs, chat_chunk, chat_logprobs, completion_chunk, merge_logprobs,
                                new_id, now, usage)
 from .openai_schema import ApiError, ChatRequest, CompletionRequest, parse_request
 
 log = logging.getLogger("slmkit.serve")
 
-MAX_PROMPTS_PER_REQUEST = 64
+__all__ = ["MAX_PROMPTS_PER_REQUEST", "BackgroundServer", "ServerConfig", "create_app", "serve"]
+
 CHAT_STOP_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
-
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int | None = None  # None: the model's context window
-    max_n: int = 8
-    log_requests: bool = False
 
 
 class ClientGone(Exception):
@@ -148,14 +139,14 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
 
     @app.get("/v1/models")
     async def models(request: Request):
-        api.authorize(request)
+        api.guard.authorize(request)
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": api.created,
                                             "owned_by": "slmkit"}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        api.authorize(request)
-        req = parse_request(CompletionRequest, await api.read_body(request))
+        api.guard.authorize(request)
+        req = parse_request(CompletionRequest, await api.guard.read_body(request))
         prompts, requests = api.completion_requests(req)
         job = api.submit(requests)
         if req.stream:
@@ -164,8 +155,8 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        api.authorize(request)
-        req = parse_request(ChatRequest, await api.read_body(request))
+        api.guard.authorize(request)
+        req = parse_request(ChatRequest, await api.guard.read_body(request))
         prompt, requests = api.chat_requests(req)
         job = api.submit(requests)
         if req.stream:
@@ -198,73 +189,12 @@ class _Api:
     def __init__(self, engine: Engine, config: ServerConfig, chat_template):
         self.engine, self.config, self.chat_template = engine, config, chat_template
         self.tokenizer, self.context = engine.tokenizer, engine.config.max_position_embeddings
+        self.guard = RequestGuard(config, context=self.context, vocab_size=engine.config.vocab_size,
+                                  capacity=engine.max_concurrent + engine.max_waiting)
         self.created = now()
         ids = [engine.tokenizer.token_to_id(t) for t in CHAT_STOP_TOKENS]
         eos = engine.config.eos_token_id
         self.chat_stop_ids = sorted({i for i in ids if i is not None} | ({eos} if eos is not None else set()))
-
-    # -- checks ------------------------------------------------------------------------------------
-
-    def authorize(self, request) -> None:
-        key = self.config.api_key
-        if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' "
-                                "with the key the server was started with", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    async def read_body(self, request) -> bytes:
-        limit = self.config.max_body_bytes
-        too_big = ApiError(413, f"request body exceeds {limit} bytes (the server's --max-body-bytes)",
-                           code="request_too_large")
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise ApiError(400, "invalid Content-Length header", code="invalid_request")
-            if int(declared) > limit:
-                raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if self.config.log_requests:
-            log.info("%s %s %s", request.method, request.url.path, body.decode("utf-8", "replace"))
-        return body
-
-    def check_model(self, name: str) -> None:
-        if name != self.config.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r} "
-                                "(GET /v1/models)", param="model", code="model_not_found")
-
-    def check_n(self, n: int, prompts: int) -> None:
-        if n > self.config.max_n:
-            raise ApiError(400, f"n={n} exceeds this server's limit of {self.config.max_n} (--max-n)",
-                           param="n", code="invalid_value")
-        capacity = self.engine.max_concurrent + self.engine.max_waiting
-        if n * prompts > capacity:
-            raise ApiError(400, f"{prompts} prompt(s) x n={n} = {n * prompts} sequences exceed what this server "
-                                f"can hold at once ({capacity}); send fewer per request", param="n",
-                           code="invalid_value")
-
-    def check_prompt(self, ids: list[int], max_tokens: int, param: str) -> None:
-        limit = min(self.config.max_prompt_tokens or self.context, self.context)
-        if len(ids) > limit:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than the limit of {limit}",
-                           param=param, code="context_length_exceeded")
-        if len(ids) + max_tokens > self.context:
-            raise ApiError(400, f"the prompt's {len(ids)} tokens + max_tokens={max_tokens} exceed the model's context "
-                                f"of {self.context} tokens; lower max_tokens or shorten the prompt",
-                           param="max_tokens", code="context_length_exceeded")
-        V = self.engine.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < V), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {V})", param=param, code="invalid_value")
 
     def submit(self, requests: list[EngineRequest]) -> _Job:
         try:
@@ -278,20 +208,16 @@ class _Api:
     # -- completions -------------------------------------------------------------------------------
 
     def completion_requests(self, req: CompletionRequest):
-        self.check_model(req.model)
+        self.guard.check_model(req.model)
         p = req.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
-        if not p:
-            raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
-        if len(p) > MAX_PROMPTS_PER_REQUEST:
-            raise ApiError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(p)}",
-                           param="prompt", code="invalid_value")
+        self.guard.check_prompt_count(len(p))
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if max_tokens == 0 and not req.echo:
             raise ApiError(400, "max_tokens=0 generates nothing; it is only allowed with echo=true (scoring a prompt)",
                            param="max_tokens", code="invalid_value")
-        self.check_n(req.n, len(p))
+        self.guard.check_n(req.n, len(p))
         prompts = []  # (token ids, the prompt text echoed back)
         for i, item in enumerate(p):
             if isinstance(item, str):
@@ -302,7 +228,7 @@ class _Api:
                 if not item:
                     raise ApiError(400, f"prompt {i} is an empty token list", param="prompt", code="invalid_value")
                 ids, text = list(item), None
-            self.check_prompt(ids, max_tokens, "prompt")
+            self.guard.check_prompt(ids, max_tokens, "prompt")
             if text is None:
                 text = self.tokenizer.decode(ids)
             prompts.append((ids, text))
@@ -378,7 +304,7 @@ class _Api:
     # -- chat --------------------------------------------------------------------------------------
 
     def chat_requests(self, req: ChatRequest):
-        self.check_model(req.model)
+        self.guard.check_model(req.model)
         if self.chat_template is None:
             raise ApiError(400, "this checkpoint has no chat template (tokenizer_config.json has no chat_template); "
                                 "use /v1/completions", code="no_chat_template")
@@ -393,8 +319,8 @@ class _Api:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.context - len(ids))
-        self.check_n(req.n, 1)
-        self.check_prompt(ids, max_tokens, "messages")
+        self.guard.check_n(req.n, 1)
+        self.guard.check_prompt(ids, max_tokens, "messages")
         top = req.top_logprobs or 0
         requests = [EngineRequest(ids, self._params(req, max_tokens, j, self.chat_stop_ids),
                                   logprobs=top if req.logprobs else None) for j in range(req.n)]

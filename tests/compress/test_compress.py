@@ -80,7 +80,7 @@ def test_bad_plans_fail_before_writing_anything(trained, tiny_dataset, tmp_path,
 def test_calibration_needs_data_and_the_same_tokenizer(trained, tmp_path):
     with pytest.raises(PassError, match="needs calibration data"):
         compress(trained, tmp_path / "c", [parse_pass("prune.wanda:sparsity=0.5")], speed=False)
-    from slmkit.data import build_dataset
+    from slmkit.data import TokenizerMismatchError, build_dataset
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -88,5 +88,5 @@ def test_calibration_needs_data_and_the_same_tokenizer(trained, tmp_path):
         (corpus / f"{i}.txt").write_text(f"other words number {i} " * 300)
     other = tmp_path / "other"
     build_dataset([str(corpus)], other, vocab_size=280, val_fraction=0.3, progress=False)
-    with pytest.raises(PassError, match="another tokenizer"):
+    with pytest.raises(TokenizerMismatchError, match=r"is not the tokenizer dataset .*other was built with"):
         compress(trained, tmp_path / "c", [parse_pass("prune.wanda:sparsity=0.5")], data=other, speed=False)
