@@ -116,19 +116,28 @@ def run_child(fn: str, *fn_args, args) -> dict:
 def speed_and_memory(args) -> None:
     print(f"\none attention layer (q/k/v/o, RoPE), width {args.width}, {args.heads} heads, batch 1, fp32, 1 thread; "
           f"Linformer k={args.k} per block of {args.block}\nforward+backward: median ms of {args.repeats} "
-          f"(interleaved) and peak RSS growth MB (fresh process each); ratios are Linformer / full SDPA")
+          f"(interleaved) and peak RSS growth MB (fresh process each); speedup = full time / Linformer time, "
+          f"memory = Linformer MB / full MB, against fused SDPA and (vs math) SDPA's materialising kernel")
     names = {"full": "full SDPA", "linformer": "Linformer", "linformer-keep": "Lin. keep", "full-math": "full math"}
     cols = ["full", "linformer"] + (["linformer-keep"] if args.keep else []) + (["full-math"] if args.math else [])
     head = f"{'T':>5} | " + " | ".join(f"{names[v] + ' ms':>14} {'MB':>6}" for v in cols)
-    head += f" | {'speedup':>7} | {'memory':>6}"
+    head += f" | {'speedup':>7} | {'memory':>6}" + (f" | {'vs math':>7} | {'memory':>6}" if args.math else "")
     print(head + "\n" + "-" * len(head))
     for T in args.lengths:
         run = [v for v in cols if v != "full-math" or T <= args.math_max]
         ms = run_child("measure_time", run, T, args=args)
         mb = {v: run_child("measure_memory", v, T, args=args)["peak_mb"] for v in run}
         cells = " | ".join(f"{ms[v]:>14.1f} {mb[v]:>6.1f}" if v in run else f"{'-':>14} {'-':>6}" for v in cols)
-        print(f"{T:>5} | {cells} | {ms['full'] / ms['linformer']:>6.2f}x | "
-              f"{mb['linformer'] / max(mb['full'], 1e-9):>6.2f}", flush=True)
+        line = f"{T:>5} | {cells} | {_ratios(ms, mb, 'full')}"
+        if args.math:
+            no_math = f"{'-':>7} | {'-':>6}"
+            line += " | " + (_ratios(ms, mb, "full-math") if "full-math" in run else no_math)
+        print(line, flush=True)
+
+
+def _ratios(ms: dict, mb: dict, baseline: str) -> str:
+    """Speed-up (baseline time / Linformer time) and memory ratio (Linformer MB / baseline MB) cells."""
+    return f"{ms[baseline] / ms['linformer']:>6.2f}x | {mb['linformer'] / max(mb[baseline], 1e-9):>6.2f}"
 
 
 def quality(args) -> None:

@@ -1,7 +1,8 @@
 """`slm distill`: teacher -> student with the shared training loop and the KD step function.
 
 Logit KD needs the teacher, the student and the dataset to share one tokenizer; everything is checked before
-any training starts. With a teacher logit cache the teacher is never loaded during training. Sequence-level KD
+any training starts. With a teacher logit cache the teacher is never loaded during training. A student or
+teacher with Transformer-XL memory reads consecutive segments in order (segment_kd.py). Sequence-level KD
 (`mode="sequence"`, Kim & Rush, 2016) works across tokenizers: the teacher writes continuations of dataset
 prompts, and the student is trained on that text.
 """
@@ -19,7 +20,9 @@ from ..model import ModelConfig
 from ..train import LMBatches, Trainer, TrainConfig, TrainResult
 from ..train.loop import resolve_device
 from ..train.pretrain import lm_evaluator
+from ..train.segments import SegmentBatches
 from .kd_losses import KDError
+from .segment_kd import CachedSegmentKDBatches, SegmentKDStep, reads_segments
 from .steps import KDConfig, KDStep, OnPolicyBatches
 from .student import build_student
 from .teacher_cache import teacher_identity
@@ -73,20 +76,26 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
         raise KDError(f"seq_len={train_cfg.seq_len} exceeds the teacher's context ({t_config.max_position_embeddings})")
 
     train = ds.split("train")
+    # Transformer-XL memory in either model: consecutive segments in order, each model keeping its memory.
+    ordered = reads_segments(student.config, t_config)
     if cache is not None:
-        from .teacher_cache import CachedKDBatches, open_teacher_cache
+        from .teacher_cache import CachedKDBatches, open_teacher_cache, refuse_teacher_with_memory
 
+        refuse_teacher_with_memory(t_config, teacher_path)
         tc = open_teacher_cache(cache, teacher=teacher_path, dataset=ds, temperature=kd_cfg.temperature)
         if tc.seq_len != train_cfg.seq_len:
             raise KDError(f"{cache}: the cache was built with seq_len={tc.seq_len}; train with --seq-len "
                           f"{tc.seq_len} or rebuild the cache")
-        batches = CachedKDBatches(tc, train, train_cfg.batch_size, train_cfg.seed)
+        batches = (CachedSegmentKDBatches if ordered else CachedKDBatches)(tc, train, train_cfg.batch_size,
+                                                                          train_cfg.seed)
         online_teacher = None
         teacher = None  # training from the cache never holds the teacher
     else:
         online_teacher = teacher.model.to(device)
-        batches = LMBatches(train, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed)
-    step = KDStep(kd_cfg, online_teacher, student_config=student.config, seed=train_cfg.seed)
+        batches = (SegmentBatches if ordered else LMBatches)(train, train_cfg.seq_len, train_cfg.batch_size,
+                                                             train_cfg.seed)
+    step = (SegmentKDStep if ordered else KDStep)(kd_cfg, online_teacher, student_config=student.config,
+                                                  seed=train_cfg.seed)
     if kd_cfg.on_policy > 0:
         batches = OnPolicyBatches(batches, step)
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..train import LMBatches, Trainer, TrainConfig, TrainResult, lm_step
+from ..train import Trainer, TrainConfig, TrainResult
 from ..train.loop import resolve_device
 from ..train.pretrain import lm_evaluator, model_for_dataset
+from ..train.segments import lm_batches_and_step
 from .kd_losses import KDError
 from .teacher_cache import teacher_identity
 
@@ -85,8 +86,10 @@ def distill_sequence(teacher_path: str | Path, student_spec: str | Path, data: s
     device = resolve_device(train_cfg.device)
     stage = {"stage": "distill", "mode": "sequence", "teacher": teacher_identity(teacher_path), "generation": gen,
              "train": train_cfg.to_dict(), "data": {"path": str(Path(data).resolve())}}
-    batches = LMBatches(seq_ds.split("train"), train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed)
-    trainer = Trainer(student, lm_step, batches, train_cfg, out, evaluate=lm_evaluator(ds, train_cfg, device),
+    # A student with XL memory reads the teacher's text in consecutive segments, as `slm train` does.
+    batches, step_fn = lm_batches_and_step(student, seq_ds.split("train"), train_cfg.seq_len, train_cfg.batch_size,
+                                           train_cfg.seed)
+    trainer = Trainer(student, step_fn, batches, train_cfg, out, evaluate=lm_evaluator(ds, train_cfg, device),
                       tokenizer_from=ds.path, provenance={**prior, "stages": [*prior["stages"], stage]},
                       quiet=quiet)
     result = trainer.fit(resume=resume)

@@ -106,7 +106,7 @@ class KDStep:
             ids, labels, mask = self._on_policy_batch(model, ids, labels, batch.get("step", 0))
             alpha = 1.0  # the student's own samples are no ground truth for cross-entropy
         want_hidden = self.hidden is not None
-        out = model(ids, return_hidden_states=want_hidden)
+        out = self.student_forward(model, ids, batch, want_hidden)
         s_logits, s_hidden = out if want_hidden else (out, None)
         T = self.cfg.temperature
         s_full = softened_logprobs(s_logits, T)  # (B, T, V), computed once
@@ -118,7 +118,7 @@ class KDStep:
                                           batch["teacher_tail_logprob"])
         else:
             with torch.no_grad():
-                t_out = self.teacher(ids, return_hidden_states=want_hidden)
+                t_out = self.teacher_forward(ids, batch, want_hidden)
             t_logits, t_hidden = t_out if want_hidden else (t_out, None)
             if t_logits.shape[-1] != s_logits.shape[-1]:
                 dense_logprobs(s_logits, t_logits, T)  # raises the vocabulary-mismatch error
@@ -138,6 +138,13 @@ class KDStep:
             loss = loss + self.cfg.hidden_weight * h
             metrics["hidden"] = h.detach()
         return loss, metrics
+
+    # Forward passes, overridden by SegmentKDStep (segment_kd.py) to read with Transformer-XL memory.
+    def student_forward(self, model: torch.nn.Module, ids: torch.Tensor, batch: dict, want_hidden: bool):
+        return model(ids, return_hidden_states=want_hidden)
+
+    def teacher_forward(self, ids: torch.Tensor, batch: dict, want_hidden: bool):
+        return self.teacher(ids, return_hidden_states=want_hidden)
 
     def _on_policy_batch(self, model, ids, labels, step: int):
         T = ids.shape[1]

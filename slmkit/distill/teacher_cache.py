@@ -165,6 +165,7 @@ def _progress_bar(enabled: bool):
 def _check_build_args(config: ModelConfig, teacher_path: Path, ds: Dataset, *, k: int, seq_len: int, temperature: float,
                       batch_size: int, max_chunks: int | None, tid: dict) -> int:
     """Every refusal that can be decided before any work; returns num_chunks."""
+    refuse_teacher_with_memory(config, teacher_path)
     V, dsV = config.vocab_size, ds.vocab_size
     retok = f"rebuild the dataset with the teacher's tokenizer: `slm data <sources> --tokenizer {teacher_path}`"
     if V < dsV:
@@ -194,6 +195,27 @@ def _check_build_args(config: ModelConfig, teacher_path: Path, ds: Dataset, *, k
                                 f"(max_position_embeddings={config.max_position_embeddings}); "
                                 "use a smaller seq_len")
     return min(num_chunks, max_chunks) if max_chunks is not None else num_chunks
+
+
+def refuse_teacher_with_memory(config: ModelConfig, teacher_path: Path | str) -> None:
+    """A cache scores isolated windows; a teacher with Transformer-XL memory predicts from its memory of the
+    earlier segments too, so cached predictions would not be the teacher's."""
+    if config.memory_length > 0:
+        raise TeacherCacheError(
+            f"teacher {teacher_path} has memory_length={config.memory_length} (Transformer-XL memory): a teacher "
+            "cache holds its predictions for isolated windows, without the memory of earlier segments it uses "
+            "when distilling; distill with the teacher online (drop --cache / --cache-teacher), where it reads "
+            "the same consecutive segments as the student and keeps its own memory")
+
+
+def check_cache_stream(cache: "TeacherCache", stream) -> None:
+    """The token stream must be the train split the cache was built on, or its chunks are other tokens."""
+    need = cache.num_chunks * cache.seq_len + 1
+    recorded = cache.meta["dataset"].get("train_tokens")
+    if len(stream) < need or (recorded is not None and len(stream) != recorded):
+        raise TeacherCacheError(
+            f"the token stream has {len(stream)} tokens but cache {cache.path} was built on a train split of "
+            f"{recorded} tokens; pass the train split of the dataset the cache was built on")
 
 
 def _teacher_config(path: Path) -> ModelConfig:
@@ -394,12 +416,7 @@ class CachedKDBatches:
     the batch for step s is a pure function of (seed, s), and `rows` slices the global batch (DDP ranks)."""
 
     def __init__(self, cache: TeacherCache, stream, global_batch: int, seed: int):
-        need = cache.num_chunks * cache.seq_len + 1
-        recorded = cache.meta["dataset"].get("train_tokens")
-        if len(stream) < need or (recorded is not None and len(stream) != recorded):
-            raise TeacherCacheError(
-                f"the token stream has {len(stream)} tokens but cache {cache.path} was built on a train split of "
-                f"{recorded} tokens; pass the train split of the dataset the cache was built on")
+        check_cache_stream(cache, stream)
         if global_batch < 1:
             raise TeacherCacheError(f"global_batch={global_batch} must be >= 1")
         self.cache, self.stream, self.global_batch, self.seed = cache, stream, global_batch, seed

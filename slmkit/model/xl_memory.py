@@ -104,8 +104,11 @@ class XLMemory:
             v = torch.cat([self.values[layer].to(v.dtype), v], dim=2)
         if self.max_length > 0:
             # detach: the stop-gradient of the paper; the next segment's loss never reaches this one.
-            self._pending_keys[layer] = k[:, :, -self.max_length:].detach()
-            self._pending_values[layer] = v[:, :, -self.max_length:].detach()
+            # contiguous: a copy of the last M positions, so the memory neither pins the whole (m + T) tensor
+            # nor changes its strides from segment to segment (torch.compile guards on them: a new layout
+            # would mean a recompile).
+            self._pending_keys[layer] = k[:, :, -self.max_length:].detach().contiguous()
+            self._pending_values[layer] = v[:, :, -self.max_length:].detach().contiguous()
         return k, v
 
     def end_segment(self, T: int) -> None:

@@ -10,11 +10,9 @@ import torch
 from ..checkpoint import inherited_provenance, load_checkpoint, save_checkpoint
 from ..evaluate.lm import evaluate_lm
 from ..model import CausalLM, ModelConfig, resolve_model_config
-from .batches import LMBatches
 from .config import TrainConfig
 from .loop import Trainer, TrainResult, autocast_dtype, resolve_device
-from .segments import SegmentBatches, XLLMStep
-from .steps import lm_step
+from .segments import lm_batches_and_step
 
 
 def model_for_dataset(spec: str | Path, ds, *, seq_len: int) -> tuple[CausalLM, dict]:
@@ -72,10 +70,8 @@ def pretrain(data: str | Path, model_spec: str | Path, out: str | Path, cfg: Tra
         from ..align.lora import apply_lora
 
         apply_lora(model, lora)  # before the Trainer: its optimizer sees only the adapters
-    if model.config.memory_length > 0:  # Transformer-XL memory: consecutive segments, memory kept across steps
-        batches, step_fn = SegmentBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed), XLLMStep()
-    else:
-        batches, step_fn = LMBatches(ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed), lm_step
+    # Transformer-XL memory (config.memory_length > 0): consecutive segments, memory kept across steps.
+    batches, step_fn = lm_batches_and_step(model, ds.split("train"), cfg.seq_len, cfg.batch_size, cfg.seed)
     device = resolve_device(cfg.device)
     stage = {"stage": "train", "model": str(model_spec), "config": cfg.to_dict(),
              "data": {"path": str(Path(data).resolve()), "tokenizer_sha256": ds.meta.get("tokenizer_sha256"),
