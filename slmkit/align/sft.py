@@ -29,8 +29,8 @@ from ..train import Trainer, TrainConfig, TrainResult
 from ..train.loop import autocast_dtype, resolve_device
 from ..train.steps import auxiliary_loss
 from .chat import ChatTemplateError, chat_template_of
-from .sft_data import (ChatFormat, Rows, SFTDataError, SFTStats, build_examples, make_rows, read_sft_records,
-                       row_inputs_and_labels, split_records)
+from .sft_data import (ChatFormat, Rows, SFTDataError, SFTStats, build_examples, make_rows, packed_inputs,
+                       read_sft_records, row_inputs_and_labels, split_records)
 
 console = Console(stderr=True)
 MAX_PROBLEMS_SHOWN = 20
@@ -61,17 +61,28 @@ class SFTBatches:
         idx = self.indices(step)[rows]
         width = int(self.rows.real[idx].any(axis=0).nonzero()[0].max()) + 1  # longest real row
         inputs, labels = row_inputs_and_labels(self.rows.tokens[idx, :width], self.rows.target[idx, :width])
-        return {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
-                "labels": torch.from_numpy(np.ascontiguousarray(labels))}
+        batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+                 "labels": torch.from_numpy(np.ascontiguousarray(labels))}
+        return batch | _document_inputs(self.rows, idx, width)
 
     def target_tokens(self, steps: int) -> int:
         """Assistant tokens that ``steps`` optimizer steps train on."""
         return int(sum(self.targets_per_row[self.indices(s)].sum() for s in range(steps)))
 
 
+def _document_inputs(rows: Rows, idx, width: int) -> dict[str, torch.Tensor]:
+    """`document_ids` and restarting `position_ids` for rows `idx` (inputs: the first width - 1 columns) when
+    one of them packs several examples; nothing otherwise (plain causal attention is then exact)."""
+    if rows.document is None or int(rows.examples_per_row[idx].max()) < 2:
+        return {}
+    return {k: torch.from_numpy(np.ascontiguousarray(v))
+            for k, v in packed_inputs(rows.document[idx, :width - 1]).items()}
+
+
 def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Cross-entropy over the labelled (assistant) tokens. Returns (loss, metrics)."""
-    logits = model(batch["input_ids"])  # (B, T, V)
+    packing = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    logits = model(batch["input_ids"], **packing)  # (B, T, V)
     labels = batch["labels"]  # (B, T), -100 off the assistant tokens
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     metrics = {"loss": loss.detach(), "assistant_tokens": (labels != -100).sum().float()}
@@ -96,8 +107,10 @@ def evaluate_assistant_tokens(model: torch.nn.Module, rows: Rows, byte_lengths: 
         for i in range(0, len(rows), batch_size):
             inputs, labels = row_inputs_and_labels(rows.tokens[i:i + batch_size], rows.target[i:i + batch_size])
             x, y = torch.from_numpy(inputs).to(device), torch.from_numpy(labels).to(device).flatten()
+            packing = {k: v.to(device) for k, v in
+                       _document_inputs(rows, np.arange(i, min(i + batch_size, len(rows))), rows.tokens.shape[1]).items()}
             with amp:
-                logits = model(x)
+                logits = model(x, **packing)
             logits = logits.float().flatten(0, 1)  # (B*T, V)
             valid = y != -100
             nll = F.cross_entropy(logits[valid], y[valid], reduction="sum")

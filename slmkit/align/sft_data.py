@@ -16,10 +16,11 @@ generates after the tokenized prompt at inference time (tests decode the labelle
 contents plus end markers).
 
 **Rows.** With packing, whole examples are placed greedily, in order, into rows of ``seq_len + 1`` tokens
-(the remainder of a row is padding with no loss); no example is split across rows. Attention is *not* reset
-between the examples of a row and positions run on across them, exactly as in pretraining's packed stream:
-each example starts with ``<bos>``, which the model has learned as a document boundary, and labels never cross
-examples. Without packing each example is its own row, right-padded (causal attention never looks right, so
+(the remainder of a row is padding with no loss); no example is split across rows. Each row records which
+example every position belongs to (``document``), and training passes it to the model with positions that
+restart at every example: a position attends only to earlier positions of its own example, so a packed row
+computes exactly what each example alone would (the document masking of torchtune's packed datasets and of
+FlashAttention's variable-length batches), and labels never cross examples. Without packing each example is its own row, right-padded (causal attention never looks right, so
 padding needs no attention mask). Examples longer than ``seq_len + 1`` tokens are truncated and counted;
 those left with no assistant token are dropped and counted.
 """
@@ -257,6 +258,7 @@ class Rows:
     target: np.ndarray  # (N, L) bool: the token carries loss
     real: np.ndarray  # (N, L) bool: a real token, not padding
     examples_per_row: np.ndarray  # (N,)
+    document: np.ndarray | None = None  # (N, L) int32: 1 + the example's index in its row, 0 on padding
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -281,13 +283,26 @@ def make_rows(examples: list[SFTExample], seq_len: int, pad_id: int, *, pack: bo
     tokens = np.full((len(groups), L), pad_id, dtype=np.int64)
     target = np.zeros((len(groups), L), dtype=bool)
     real = np.zeros((len(groups), L), dtype=bool)
+    document = np.zeros((len(groups), L), dtype=np.int32)
     for r, group in enumerate(groups):
         at = 0
-        for ex in group:
+        for j, ex in enumerate(group):
             n = len(ex.ids)
             tokens[r, at:at + n], target[r, at:at + n], real[r, at:at + n] = ex.ids, ex.target, True
+            document[r, at:at + n] = j + 1
             at += n
-    return Rows(tokens, target, real, np.array([len(g) for g in groups], dtype=np.int64))
+    return Rows(tokens, target, real, np.array([len(g) for g in groups], dtype=np.int64), document)
+
+
+def packed_inputs(document: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs that isolate the examples of packed rows: `document_ids` (N, T) as given and
+    `position_ids` (N, T) restarting at 0 where each example (or the padding run) begins."""
+    n, t = document.shape
+    idx = np.broadcast_to(np.arange(t), (n, t))
+    begins = np.ones((n, t), dtype=bool)
+    begins[:, 1:] = document[:, 1:] != document[:, :-1]
+    start = np.maximum.accumulate(np.where(begins, idx, 0), axis=1)
+    return {"document_ids": document.astype(np.int64), "position_ids": (idx - start).astype(np.int64)}
 
 
 def row_inputs_and_labels(tokens: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

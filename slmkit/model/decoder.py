@@ -102,13 +102,24 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, return_hidden_states: bool = False, memory: XLMemory | None = None):
+                last_only: bool = False, return_hidden_states: bool = False, memory: XLMemory | None = None,
+                document_ids: torch.Tensor | None = None):
         """input_ids: (B, T). attention_mask: (B, S) with 1 for real tokens over all S = past + T key
         positions (only needed for padded batches). Returns logits (B, T, V) — (B, 1, V) with
         `last_only` — and, with `return_hidden_states`, the list of per-layer inputs plus the final
         normalised hidden state. `memory` (an XLMemory, see xl_memory.py) makes the segment attend to the
-        cached positions of earlier segments and then keeps its last positions for the next one."""
+        cached positions of earlier segments and then keeps its last positions for the next one.
+        `document_ids` (B, T) marks packed rows: a position attends only to earlier positions with the same
+        id (pass `position_ids` restarting at each document too, and a packed row computes exactly what each
+        document alone would)."""
         B, T = input_ids.shape
+        if document_ids is not None:
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected {(B, T)}")
+            if cache is not None or memory is not None or attention_mask is not None:
+                raise ValueError("document_ids is for packed training rows: not with a cache, memory or attention_mask")
+            if self.config.attention_type != "full":
+                raise ValueError(f"document masking needs attention_type='full', not {self.config.attention_type!r}")
         past = cache.length if cache is not None else 0
         if memory is not None:
             position_ids = memory.begin_segment(input_ids, position_ids=position_ids, cache=cache,
@@ -119,7 +130,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         rope = self.model.rotary_emb(position_ids, dtype)
-        mask = causal_mask(T, past, attention_mask, input_ids.device)
+        mask = causal_mask(T, past, attention_mask, input_ids.device, document_ids)
         hidden = []
         for layer in self.model.layers:
             if return_hidden_states:
@@ -165,10 +176,15 @@ class CausalLM(nn.Module):
         return XLMemory(self.config, batch_size, length)
 
 
-def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None,
-                device: torch.device) -> torch.Tensor | None:
+def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean attention mask (B or 1, 1, T, past + T), or None when plain causal attention applies
-    (no padding, and either no past or a single query token)."""
+    (no padding, and either no past or a single query token). With `document_ids` (B, T), no past: causal
+    within each document, (B, 1, T, T)."""
+    if document_ids is not None:
+        pos = torch.arange(T, device=device)
+        same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+        return (same & (pos[None, :] <= pos[:, None])[None])[:, None]
     if attention_mask is None and (past == 0 or T == 1):
         return None
     S = past + T

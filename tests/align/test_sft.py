@@ -223,3 +223,52 @@ def test_sft_with_lora_writes_adapter_and_merged_checkpoint(tiny_ckpt, tmp_path)
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # merged back to a plain Linear
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_packed_rows_compute_exactly_what_each_example_alone_would():
+    from slmkit.align.sft import SFTBatches
+    from slmkit.align.sft_data import packed_inputs
+    from slmkit.model import CausalLM, ModelConfig
+
+    exs = [example(5, 10, 2), example(4, 20, 1), example(6, 30, 3), example(3, 40, 1)]
+    rows = make_rows(exs, seq_len=9, pad_id=0, pack=True)
+    assert rows.document[0].tolist() == [1, 1, 1, 1, 1, 2, 2, 2, 2, 0]
+    packed = packed_inputs(rows.document[:, :-1])
+    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).eval()
+    batch = SFTBatches(rows, global_batch=2, seed=0).batch(0, slice(0, 2))
+    assert set(batch) == {"input_ids", "labels", "position_ids", "document_ids"}
+    with torch.no_grad():
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+        leaky = model(batch["input_ids"])  # the old packing: attention crosses examples
+        for r, row in enumerate(batch["input_ids"]):
+            docs = batch["document_ids"][r]
+            for d in docs.unique().tolist():
+                if d == 0:
+                    continue
+                at = (docs == d).nonzero().flatten()
+                alone = model(row[at][None])[0]  # the example on its own row
+                assert torch.allclose(out[r, at], alone, atol=1e-5)
+                if at[0] > 0:
+                    assert not torch.allclose(leaky[r, at], alone, atol=1e-3)
+
+
+def test_document_ids_bad_input():
+    from slmkit.model import CausalLM, ModelConfig
+
+    model = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="document_ids has shape"):
+        model(ids, document_ids=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="not with a cache"):
+        model(ids, document_ids=torch.zeros(2, 5, dtype=torch.long), cache=model.new_cache(2, 8))
+
+
+def test_unpacked_batches_carry_no_document_inputs():
+    from slmkit.align.sft import SFTBatches
+
+    rows = make_rows([example(5, 10, 2), example(3, 20, 1)], seq_len=9, pad_id=7, pack=False)
+    assert set(SFTBatches(rows, 2, 0).batch(0, slice(0, 2))) == {"input_ids", "labels"}
