@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.shards import check_same_tokenizer
 from ..model import ModelConfig
 from ..train import LMBatches, Trainer, TrainConfig, TrainResult
 from ..train.loop import resolve_device
@@ -31,10 +32,9 @@ from .teacher_cache import teacher_identity
 def check_shared_vocabulary(teacher_path: Path, identity: dict, ds) -> None:
     """Logit KD compares distributions token by token: the teacher must speak the dataset's tokenizer.
     Checked from the teacher's files, before any weights are loaded."""
-    if identity.get("tokenizer_sha256") and identity["tokenizer_sha256"] != ds.meta.get("tokenizer_sha256"):
-        raise KDError(f"the teacher's tokenizer ({teacher_path}/tokenizer.json) differs from the dataset's "
-                      f"({ds.path}/tokenizer.json): logit KD needs one shared vocabulary. Rebuild the dataset "
-                      f"with `slm data ... --tokenizer {teacher_path}` or use `slm distill --mode sequence`")
+    if identity.get("tokenizer_sha256"):
+        check_same_tokenizer(ds, teacher_path / "tokenizer.json",
+                             alternative="distill across tokenizers with `slm distill --mode sequence`")
     vocab = ModelConfig.load(teacher_path / "config.json").vocab_size
     if vocab < ds.vocab_size:
         raise KDError(f"teacher vocabulary {vocab} < dataset tokenizer {ds.vocab_size}; "

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import WEIGHTS, Checkpoint, atomic_write_text, load_checkpoint, sha256_file
-from ..data.shards import Dataset, open_dataset, token_dtype
+from ..data.shards import Dataset, check_same_tokenizer, open_dataset, token_dtype
 from ..model import ConfigError, ModelConfig
 
 FORMAT = "slmkit.teacher_cache/1"
@@ -171,10 +171,8 @@ def _check_build_args(config: ModelConfig, teacher_path: Path, ds: Dataset, *, k
     if V < dsV:
         raise TeacherCacheError(f"teacher {teacher_path} has vocab_size {V}, but dataset {ds.path} was tokenized "
                                 f"with a {dsV}-token tokenizer, so its ids are not the teacher's; {retok}")
-    if tid["tokenizer_sha256"] is not None and ds.meta.get("tokenizer_sha256") not in (None, tid["tokenizer_sha256"]):
-        raise TeacherCacheError(f"dataset {ds.path} was tokenized with a different tokenizer.json than teacher "
-                                f"{teacher_path} (sha256 {ds.meta['tokenizer_sha256'][:12]} vs "
-                                f"{tid['tokenizer_sha256'][:12]}); {retok}")
+    if tid["tokenizer_sha256"] is not None:
+        check_same_tokenizer(ds, teacher_path / "tokenizer.json")
     if not isinstance(k, int) or not 1 <= k <= V:
         raise TeacherCacheError(f"k={k} must be an integer in [1, vocab_size={V}]")
     if not isinstance(seq_len, int) or seq_len < 1:

@@ -73,31 +73,49 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-@torch.inference_mode()
+class _Run:
+    """One timed generation: a prefill over the fixed prompt, then single-token greedy steps, each timed."""
+
+    def __init__(self, model, batch: int, cfg: BenchConfig, amp):
+        self.model, self.amp = model, amp
+        device = next(model.parameters()).device
+        vocab = model.config.vocab_size
+        self.prompt = (torch.arange(batch * cfg.prompt_len, device=device) * 7919 % vocab).view(batch, cfg.prompt_len)
+        self.cache = model.new_cache(batch, cfg.prompt_len + cfg.new_tokens + 1,
+                                     dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.steps: list[float] = []
+        self.nxt = None
+
+    @torch.inference_mode()
+    def prefill(self) -> tuple[float, float]:
+        """(prefill seconds, time to first token)."""
+        with self.amp():
+            t0 = time.perf_counter()
+            logits = self.model(self.prompt, cache=self.cache, last_only=True)
+            self.sync()
+            t_prefill = time.perf_counter() - t0
+            self.nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            _ = self.nxt.tolist()  # the first token exists on the host: time to first token
+        return t_prefill, time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def decode(self, n: int) -> None:
+        with self.amp():
+            for _ in range(n):
+                t1 = time.perf_counter()
+                logits = self.model(self.nxt, cache=self.cache, last_only=True)
+                self.nxt = logits[:, -1].argmax(-1, keepdim=True)
+                self.sync()
+                self.steps.append(time.perf_counter() - t1)
+
+
 def _time_once(model, batch: int, cfg: BenchConfig, amp) -> tuple[float, float, float]:
     """(prefill seconds, time to first token, median seconds of one decode step)."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    prompt = (torch.arange(batch * cfg.prompt_len, device=device) * 7919 % vocab).view(batch, cfg.prompt_len)
-    cache = model.new_cache(batch, cfg.prompt_len + cfg.new_tokens + 1,
-                            dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    steps = []
-    with amp():
-        t0 = time.perf_counter()
-        logits = model(prompt, cache=cache, last_only=True)
-        sync()
-        t_prefill = time.perf_counter() - t0
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        _ = nxt.tolist()  # the first token exists on the host: time to first token
-        ttft = time.perf_counter() - t0
-        for _ in range(cfg.new_tokens):
-            t1 = time.perf_counter()
-            logits = model(nxt, cache=cache, last_only=True)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            sync()
-            steps.append(time.perf_counter() - t1)
-    return t_prefill, ttft, statistics.median(steps)
+    run = _Run(model, batch, cfg, amp)
+    t_prefill, ttft = run.prefill()
+    run.decode(cfg.new_tokens)
+    return t_prefill, ttft, statistics.median(run.steps)
 
 
 def _amp(cfg: BenchConfig, device: torch.device):
@@ -138,27 +156,41 @@ def bench_model(model, cfg: BenchConfig = BenchConfig()) -> dict:
     return out
 
 
+SIDE_BY_SIDE_CHUNK = 8  # decode steps a model runs before the next model takes over
+
+
 def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = BenchConfig()) -> dict[str, dict]:
-    """Timings of several loaded models measured in rounds: each round times every model once, in an order
-    that rotates from round to round, so a slow phase of a shared or virtual machine (another process, a
-    busy host) falls on all of them alike and their ratios hold. Medians over `cfg.repeats` rounds."""
+    """Timings of several loaded models, interleaved so that they share the machine's slow and fast phases
+    and their *ratios* hold on a machine whose speed drifts. Each of `cfg.repeats` rounds prefills every
+    model (in an order that rotates from round to round), then decodes them in turns of SIDE_BY_SIDE_CHUNK
+    steps until each has made `new_tokens` steps. A model's decode step time is the median of all its steps
+    (the first step of a turn, slowed by the other models' weights in the caches, does not decide it);
+    prefill and time to first token are medians over rounds."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     names = list(models)
     for m in models.values():
         _check_context(m, cfg)
         m.eval()
+    amps = {n: _amp(cfg, next(models[n].parameters()).device) for n in names}
     out: dict[str, dict] = {n: {} for n in names}
     for b in cfg.batch_sizes:
-        runs: dict[str, list] = {n: [] for n in names}
         for n in names:
-            _time_once(models[n], b, cfg, _amp(cfg, next(models[n].parameters()).device))  # warm-up
+            _time_once(models[n], b, cfg, amps[n])  # warm-up
+        prefills: dict[str, list] = {n: [] for n in names}
+        steps: dict[str, list] = {n: [] for n in names}
         for r in range(cfg.repeats):
-            for i in range(len(names)):
-                n = names[(i + r) % len(names)]
-                runs[n].append(_time_once(models[n], b, cfg, _amp(cfg, next(models[n].parameters()).device)))
+            order = [names[(i + r) % len(names)] for i in range(len(names))]
+            runs = {n: _Run(models[n], b, cfg, amps[n]) for n in order}
+            for n in order:
+                prefills[n].append(runs[n].prefill())
+            for start in range(0, cfg.new_tokens, SIDE_BY_SIDE_CHUNK):
+                for n in order:
+                    runs[n].decode(min(SIDE_BY_SIDE_CHUNK, cfg.new_tokens - start))
+            for n in order:
+                steps[n].extend(runs[n].steps)
         for n in names:
-            out[n].update(_summarise(runs[n], b, cfg))
+            out[n].update(_summarise([(p, t, statistics.median(steps[n])) for p, t in prefills[n]], b, cfg))
     return out
 
 

@@ -125,11 +125,14 @@ class CausalLM(nn.Module):
             position_ids = memory.begin_segment(input_ids, position_ids=position_ids, cache=cache,
                                                 attention_mask=attention_mask, rotary=self.model.rotary_emb)
             past = memory.length
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        rope = self.model.rotary_emb(position_ids, dtype)
+        if position_ids is None and cache is not None:  # decoding: positions past.. from the cached table
+            rope = self.model.rotary_emb.for_range(past, T, B, dtype)
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            rope = self.model.rotary_emb(position_ids, dtype)
         mask = causal_mask(T, past, attention_mask, input_ids.device, document_ids)
         hidden = []
         for layer in self.model.layers:

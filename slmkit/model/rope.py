@@ -44,6 +44,21 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self._table: tuple | None = None  # (inv_freq it came from, fp32 (L, head_dim) cos, signed sin)
+
+    @torch.no_grad()
+    def for_range(self, start: int, length: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for positions start..start+length-1 in every row, read from a cached table (grown by
+        doubling, bit-identical to `forward`): one slice per decode step instead of ~10 small ops."""
+        end = start + length
+        t = self._table
+        if t is None or t[0] is not self.inv_freq or t[1].shape[0] < end:  # `.to()` replaces inv_freq
+            size = max(end, 2 * t[1].shape[0] if t is not None else 256)
+            pos = torch.arange(size, device=self.inv_freq.device)[None]  # (1, size)
+            cos, sin = self.forward(pos, torch.float32)  # (1, 1, size, hd)
+            t = self._table = (self.inv_freq, cos[0, 0], sin[0, 0])
+        cos, sin = t[1][start:end], t[2][start:end]  # (length, hd)
+        return cos.to(dtype).expand(batch, 1, length, -1), sin.to(dtype).expand(batch, 1, length, -1)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

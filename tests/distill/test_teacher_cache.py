@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slmkit.checkpoint import load_checkpoint, save_checkpoint
-from slmkit.data import build_dataset, open_dataset
+from slmkit.data import TokenizerMismatchError, build_dataset, open_dataset
 from slmkit.distill import teacher_cache as tc
 from slmkit.distill.teacher_cache import (CachedKDBatches, TeacherCacheError, build_teacher_cache,
                                           open_teacher_cache)
@@ -236,7 +236,7 @@ def test_refuses_before_work(ds, teacher, tmp_path, monkeypatch):
     tok = json.loads((ds.path / "tokenizer.json").read_text())
     (tok_dir / "tokenizer.json").write_text(json.dumps(tok, indent=1))  # same vocabulary, other bytes
     retok = save_checkpoint(load_checkpoint(teacher).model, tmp_path / "retok", tokenizer_from=tok_dir)
-    with pytest.raises(TeacherCacheError, match="different tokenizer.json"):
+    with pytest.raises(TokenizerMismatchError, match="is not the tokenizer dataset"):
         build_teacher_cache(retok, ds.path, tmp_path / "c", k=K, seq_len=SEQ, progress=False)
     for kwargs, pattern in [({"k": 0}, "k=0"), ({"k": ds.vocab_size + 1}, "k="), ({"seq_len": 0}, "seq_len=0"),
                             ({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),

@@ -39,24 +39,38 @@ def test_bench_in_a_fresh_process_and_bad_config(ckpt):
         BenchConfig(dtype="int3")
 
 
-def test_side_by_side_times_every_model_in_rotating_rounds(ckpt, monkeypatch):
-    from slmkit.evaluate import bench as bench_mod
+def test_side_by_side_interleaves_models_in_rotating_rounds(ckpt, monkeypatch):
     from slmkit.checkpoint import load_checkpoint
+    from slmkit.evaluate import bench as bench_mod
 
     models = {"a": load_checkpoint(ckpt).model, "b": load_checkpoint(ckpt).model, "c": load_checkpoint(ckpt).model}
-    order = []
-    real = bench_mod._time_once
+    events = []
+    real_prefill, real_decode = bench_mod._Run.prefill, bench_mod._Run.decode
 
-    def spy(model, batch, cfg, amp):
-        order.append(next(n for n, m in models.items() if m is model))
-        return real(model, batch, cfg, amp)
+    def name(run):
+        return next(n for n, m in models.items() if m is run.model)
 
-    monkeypatch.setattr(bench_mod, "_time_once", spy)
-    cfg = BenchConfig(prompt_len=8, new_tokens=4, batch_sizes=(1,), repeats=3)
+    def prefill(self):
+        events.append(("prefill", name(self)))
+        return real_prefill(self)
+
+    def decode(self, n):
+        events.append(("decode", name(self), n))
+        return real_decode(self, n)
+
+    monkeypatch.setattr(bench_mod._Run, "prefill", prefill)
+    monkeypatch.setattr(bench_mod._Run, "decode", decode)
+    monkeypatch.setattr(bench_mod, "SIDE_BY_SIDE_CHUNK", 3)
+    cfg = BenchConfig(prompt_len=8, new_tokens=5, batch_sizes=(1,), repeats=2)
     out = bench_mod.bench_side_by_side(models, cfg)
-    assert order == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then 3 rotations
+    warm = [e for n in "abc" for e in (("prefill", n), ("decode", n, 5))]
+    round0 = [("prefill", n) for n in "abc"] + [("decode", n, 3) for n in "abc"] + [("decode", n, 2) for n in "abc"]
+    round1 = [("prefill", n) for n in "bca"] + [("decode", n, 3) for n in "bca"] + [("decode", n, 2) for n in "bca"]
+    assert events == warm + round0 + round1  # warm-up, then turns of 3 steps, the order rotating per round
     for n in models:
-        assert out[n]["decode_tok_s_b1"] > 0 and out[n]["prefill_tok_s_b1"] > 0 and out[n]["ttft_ms"] > 0
+        r = out[n]
+        assert r["decode_tok_s_b1"] > 0 and r["prefill_tok_s_b1"] > 0 and r["ttft_ms"] > 0
+        assert r["decode_ms_per_token"] == pytest.approx(1000 / r["decode_tok_s_b1"])
 
 
 def test_side_by_side_in_a_fresh_process(ckpt):

@@ -94,3 +94,20 @@ def test_config_yaml_with_preset_and_overrides(tmp_path):
         resolve_model_config(f)
     with pytest.raises(ConfigError, match="neither a preset"):
         resolve_model_config("no-such-preset")
+
+
+def test_rotary_table_equals_direct_computation_and_follows_moves():
+    from slmkit.model.rope import RotaryEmbedding
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64})
+    rot = RotaryEmbedding(cfg)
+    for start, length in [(0, 5), (300, 1), (1000, 40), (3, 700)]:  # the last two grow the table
+        pos = torch.arange(start, start + length)[None].expand(2, length)
+        for got, want in zip(rot.for_range(start, length, 2, torch.float32), rot(pos, torch.float32)):
+            assert torch.equal(got, want)
+    table = rot._table
+    rot.to(torch.float64)  # replaces inv_freq: the table is rebuilt from the new one
+    rot.for_range(0, 4, 1, torch.float32)
+    assert rot._table is not table and rot._table[0] is rot.inv_freq
