@@ -52,7 +52,7 @@ def run_cmd(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Where everything is written."),
-    profile: str = typer.Option("default", help="default (about 11 minutes on 2 cores) | tiny (about a minute, "
+    profile: str = typer.Option("default", help="default (about 15 minutes on 2 cores) | tiny (about a minute, "
                                                 "for tests)."),
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and everything after it)."),
 ):

@@ -68,8 +68,16 @@ def machine_description() -> dict:
 
 
 def peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's resident high-water mark. On Linux it is VmHWM of /proc/self/status, which belongs to
+    the current address space: `ru_maxrss` would also count the parent's memory when the process was started
+    with vfork + exec (as Python's subprocess does), reporting the parent's size for a small child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak if sys.platform == "darwin" else peak * 1024
 
 

@@ -81,3 +81,15 @@ def test_side_by_side_in_a_fresh_process(ckpt):
     assert set(out) == {"x", "y"} and all(out[n]["decode_tok_s_b2"] > 0 for n in out)
     with pytest.raises(RuntimeError, match="benchmark of --side-by-side"):
         side_by_side_in_subprocess({"x": ckpt.parent / "missing"}, BenchConfig(repeats=1))
+
+
+def test_peak_memory_of_a_child_is_its_own(ckpt):
+    """A child started from a large parent reports its own high-water mark, not the parent's."""
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB in this (parent) process
+    ballast.add_(1)  # touch it: resident
+    r = bench_in_subprocess(ckpt, BenchConfig(prompt_len=8, new_tokens=4, batch_sizes=(1,), repeats=1))
+    from slmkit.evaluate.bench import peak_rss_bytes
+
+    assert peak_rss_bytes() > 400 * 2**20
+    assert r["peak_rss_bytes"] < peak_rss_bytes() - 300 * 2**20
+    del ballast
