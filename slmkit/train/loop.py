@@ -65,6 +65,9 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
+RECENT_STEPS = 10  # steps whose median time re-estimates a time budget
+
+
 class Trainer:
     """Runs `step_fn` over `batches` with `cfg`. `evaluate(model) -> dict` is called on the main process
     every `eval_every` steps and at the end. `on_step_end(step, record)` may raise to stop (tests use it
@@ -226,6 +229,21 @@ class Trainer:
             console.print(f"time budget {self.cfg.time_budget_s:.0f}s at {t_step:.2f}s/step: "
                           f"training for {self.total_steps} steps")
 
+    def _shrink_to_budget(self, elapsed: float, recent: list[float]) -> bool:
+        """Every RECENT_STEPS steps, cut the total if the recent step time (median of the last RECENT_STEPS)
+        would take the run more than 2% past the time budget. Returns whether it changed."""
+        total = self.total_steps
+        if len(recent) < RECENT_STEPS or self.step % RECENT_STEPS:
+            return False
+        t_step = sorted(recent)[len(recent) // 2]
+        if elapsed + (total - self.step) * t_step <= 1.02 * self.cfg.time_budget_s:
+            return False
+        self.total_steps = max(self.step + 1, self.step + int((self.cfg.time_budget_s - elapsed) / t_step))
+        if not self.quiet:
+            console.print(f"time budget {self.cfg.time_budget_s:.0f}s: steps now take {t_step:.2f}s, "
+                          f"training for {self.total_steps} steps instead of {total}")
+        return self.total_steps != total
+
     def fit(self, *, resume: bool = False) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.try_resume()
@@ -234,8 +252,12 @@ class Trainer:
         self.model.train()
         t_start, done_tokens_at_start = time.perf_counter(), self.tokens_seen
         # Time budget: measure steps after the first (which pays for warm-up and compilation), re-measure
-        # once more, then keep the total fixed.
+        # once more, then only shrink: every RECENT_STEPS steps, if the recent step time says the run would
+        # end more than 2% past the budget (the machine slowed down), the total is cut to fit. Never grown:
+        # the learning-rate schedule then only moves forward.
         probes = {3, 3 + max(5, self.cfg.warmup_steps // 2)} if (self.cfg.time_budget_s and not resumed) else set()
+        budgeted = bool(self.cfg.time_budget_s) and not resumed
+        recent: list[float] = []
         t_first = None
         last = None
         progress = _Progress(self.total_steps, self.step, quiet=self.quiet)
@@ -251,6 +273,11 @@ class Trainer:
                         now = time.perf_counter()
                         self._calibrate_budget(now - t_start, (now - t_first) / (self.step - 1))
                         progress.set_total(self.total_steps)
+                        probes.discard(self.step)
+                    elif budgeted and not probes:
+                        recent = (recent + [dt])[-RECENT_STEPS:]
+                        if self._shrink_to_budget(time.perf_counter() - t_start, recent):
+                            progress.set_total(self.total_steps)
                     elapsed = time.perf_counter() - t_start
                     last.update(tok_per_s=last["tokens"] / dt, elapsed=elapsed)
                     self.history.append(last)
