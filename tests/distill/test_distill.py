@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from slmkit.checkpoint import load_checkpoint
+from slmkit.data import TokenizerMismatchError
 from slmkit.distill import KDConfig, KDError
 from slmkit.distill.run import distill
 from slmkit.distill.sequence import distill_sequence
@@ -111,7 +112,7 @@ def test_refusals_before_training(teacher, student_yaml, tiny_dataset, tmp_path)
     for i, words in enumerate(["completely different words", "for another tokenizer", "with its own merges"]):
         (corpus / f"{i}.txt").write_text((words + " ") * 200)
     build_dataset([str(corpus)], other, vocab_size=300, val_fraction=0.1, progress=False)
-    with pytest.raises(KDError, match="--mode sequence"):
+    with pytest.raises(TokenizerMismatchError, match="--mode sequence"):
         distill(teacher, student_yaml, other, tmp_path / "x", cfg(), KDConfig(), quiet=True)
     with pytest.raises(KDError, match="temperature"):
         KDConfig(temperature=0)
