@@ -20,8 +20,8 @@ def sft(
     data: List[Path] = typer.Option(..., "--data", "-d", help="JSONL of {\"messages\": [...]} conversations or "
                                     "{prompt, completion} pairs (repeatable)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write."),
-    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack whole examples into seq_len rows (attention "
-                              "crosses examples in a row, as in pretraining) or pad one example per row."),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack whole examples into seq_len rows (document "
+                              "masking: each example attends only to itself) or pad one example per row."),
     val_fraction: float = typer.Option(0.05, help="Records held out (by a hash of their content) for validation "
                                        "loss on assistant tokens."),
     config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig)."),
