@@ -290,8 +290,9 @@ class SelectOptions:
     bench_prompt_len: int = 128
     bench_new_tokens: int = 64
     bench_repeats: int = 5
-    # Time all candidates and references in rotating rounds in one process (their speed ratios hold on a
-    # machine whose speed drifts); each is still benched alone once for its peak memory.
+    # Time all candidates and references interleaved in one process (bench_side_by_side: their speed ratios
+    # hold on a machine whose speed drifts; all are loaded at once, so turn it off for models that do not fit
+    # together); each is still benched alone once, in a fresh process, for its peak memory.
     side_by_side: bool = True
 
 
