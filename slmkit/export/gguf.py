@@ -25,8 +25,9 @@ two agree by construction.
 Types. `f32`/`f16` store every matrix in that type; `q8_0`/`q4_0` quantize matrices in blocks of 32 along a
 row with `gguf.quants` (bit-identical to ggml's reference quantizers). As in llama.cpp: vectors (norms,
 biases, `rope_freqs`) and the MoE router stay F32; a matrix whose rows are not a multiple of the block size
-falls back to F16; a q4_0 file keeps the output matrix (the token embeddings when tied) at Q8_0, where
-llama-quantize uses Q6_K, which `gguf.quants` cannot write. Every such choice is listed in the result.
+falls back to F16; a q4_0 file stores the output matrix (the token embeddings when tied) at Q6_K, as
+llama-quantize does (written by `q6k.py`, since `gguf.quants` reads Q6_K but cannot write it), or at Q8_0 when
+its rows are not a multiple of 256. Every such choice is listed in the result.
 
 Tokenizer. Byte-level BPE goes in as `tokenizer.ggml.model = gpt2` with tokens, token types (special added
 tokens are CONTROL, other added tokens USER_DEFINED, unused ids UNUSED), merges, bos/eos/pad ids, add_bos and
@@ -56,6 +57,7 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..model import CausalLM, ModelConfig
 from ..model.config import read_json_object
 from ..model.rope import rope_inverse_frequencies
+from .q6k import quantize_q6_k
 
 try:
     import gguf
@@ -128,6 +130,9 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "f16"
         qtype, note = tensor_type(name, data.shape, type, tied=config.tie_word_embeddings)
         if qtype in (QT.F32, QT.F16):
             writer.add_tensor(name, data.astype(np.float32 if qtype == QT.F32 else np.float16))
+        elif qtype == QT.Q6_K:
+            writer.add_tensor(name, quantize_q6_k(data.reshape(-1, data.shape[-1])).reshape(*data.shape[:-1], -1),
+                              raw_dtype=qtype)
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         tensor_types[name] = qtype.name
@@ -288,9 +293,12 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, *, tied: bool
         return QT.F32, None
     note = None
     is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-    if target == QT.Q4_0 and is_output:
+    if target == QT.Q4_0 and is_output:  # as llama-quantize does: the output matrix at Q6_K
+        if shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q6_K][0] == 0:
+            return QT.Q6_K, None
         target = QT.Q8_0
-        note = f"{name}: the output matrix is stored as Q8_0 in a q4_0 file (llama-quantize keeps it at Q6_K)"
+        note = (f"{name}: rows of {shape[-1]} values are not a multiple of Q6_K's 256-value blocks; the output "
+                "matrix is stored as Q8_0")
     block = gguf.GGML_QUANT_SIZES[target][0]
     if shape[-1] % block:
         return QT.F16, (f"{name}: rows of {shape[-1]} values are not a multiple of the {target.name} block size "
