@@ -347,20 +347,21 @@ class Int8Linear(_QuantizedLinear):
                 and x.numel() and not (x.requires_grad and torch.is_grad_enabled())):
             bias = self._parameters["bias"]
             try:
-                self._kernel_tensors(_DYNAMIC)
+                derived = self._kernel_tensors(_DYNAMIC)
             except RuntimeError:
                 self._dynamic_ok = False  # no fbgemm here: remember, take the weight-only path
             else:
                 if (x.numel() <= KERNEL_MAX_ROWS * self.in_features
-                        and self._small_input_choice(x, lambda: self._dynamic(x)) == "dense"):
+                        and self._small_input_choice(x, lambda: self._dynamic(x, derived)) == "dense"):
                     return F.linear(x, self._dense_weight(x.dtype), None if bias is None else bias.to(x.dtype))
-                y = self._dynamic(x)
+                y = self._dynamic(x, derived)
                 return y if bias is None else y + bias.to(x.dtype)
         return super().forward(x)
 
-    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) in x's dtype through fbgemm's W8A8 kernel, without the bias."""
-        packed, row_sums = self._kernel_tensors(_DYNAMIC)
+    def _dynamic(self, x: torch.Tensor, derived: tuple) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype through fbgemm's W8A8 kernel (`derived`: the prepacked weight
+        and its row sums), without the bias."""
+        packed, row_sums = derived
         xf = x if x.dtype is torch.float32 else x.float()
         if x.numel() == self.in_features:  # one row (decode at batch 1): per tensor is per row already
             y = _LINEAR_DYNAMIC(xf, packed, True)  # (..., out): the op keeps leading dims

@@ -18,6 +18,7 @@ from slmkit.model import CausalLM, ModelConfig
 from slmkit.train import TrainConfig
 from slmkit.train.pretrain import pretrain
 from slmkit.train.segments import SegmentBatches
+from tests.model.test_xl_memory import ArrayStream
 
 SEQ = 16  # segment length in every test here
 MODEL_YAML = ("hidden_size: 64\nintermediate_size: 128\nnum_hidden_layers: 2\nnum_attention_heads: 4\n"
@@ -46,17 +47,6 @@ def teachers(tiny_dataset, specs, tmp_path_factory):
     pretrain(tiny_dataset, specs[0], root / "plain", cfg(steps=8), quiet=True)
     pretrain(tiny_dataset, specs[1], root / "memory", cfg(steps=8), quiet=True)
     return root / "plain", root / "memory"
-
-
-class ArrayStream:
-    def __init__(self, a):
-        self.a = np.asarray(a)
-
-    def __len__(self):
-        return len(self.a)
-
-    def window(self, start, length):
-        return self.a[start:start + length]
 
 
 def tiny(memory_length: int, seed: int) -> CausalLM:
