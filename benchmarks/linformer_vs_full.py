@@ -1,16 +1,24 @@
 """Blockwise causal Linformer attention vs full causal SDPA attention, same width.
 
 Part 1 — one attention layer (q/k/v/o projections included, RoPE, batch 1) forward+backward at each sequence
-length: median wall time over `--repeats` runs, and peak memory. Each (length, variant) runs in a fresh
-subprocess with one thread; peak memory is the process's resident high-water mark (VmHWM in
-/proc/self/status) during the first forward+backward minus its resident size just before it — torch's CPU
-allocator returns large blocks to the OS, so this is the real extra memory the step needed (inputs and
-weights excluded; they are the same for both). Variants: full = `Attention` (SDPA is_causal; on CPU that is
-the fused flash kernel, which never materialises T x T scores), linformer = `LinformerAttention` (blockwise,
-per-block keys recomputed in backward), linformer-keep = the same keeping per-block keys (no recompute).
+length: median wall time over `--repeats` runs, and peak memory two ways. Each (length, variant) runs in a
+fresh subprocess with one thread.
+- live MB: the peak of the bytes malloc has handed out and not taken back (glibc `mallinfo2`: in-use heap +
+  mmapped blocks), sampled after every aten op of one forward+backward, minus its value at the first op:
+  the tensors the step holds at once, whatever the allocator caches.
+- RSS MB: the process's resident high-water mark (VmHWM) during the step minus its resident size just
+  before it: what the OS sees. glibc keeps freed blocks resident and reuses them, so this moves with the
+  allocation pattern (flash SDPA's RSS growth ranges 48-68 MB at T = 4096 between runs).
+Inputs, output gradient and weights are allocated before and excluded; they are the same for every variant.
+Variants: full = `Attention` (SDPA is_causal; on CPU that is the fused flash kernel, which never materialises
+T x T scores), full-math = the same with SDPA's reference kernel (materialised T x T scores: the paper's
+baseline), linformer = `LinformerAttention` with its default window (training path: blocks batched into one
+SDPA call, autograd keeps activations), linformer-recompute = the same with `linformer_recompute` (the block
+scan: keeps x and the block summaries, recomputes each block in backward).
 
-Part 2 — quality: two equal-size tiny models (full vs Linformer) trained for `--train-steps` steps with
-`slmkit.train.pretrain` on the same slice of the default domain; validation bits per byte side by side.
+Part 2 — quality: equal-size tiny models (full attention, and Linformer with each of `--quality-windows`)
+trained for `--train-steps` steps with `slmkit.train.pretrain` on the same slice of the default domain;
+validation bits per byte side by side.
 
     python benchmarks/linformer_vs_full.py                      # 512..4096, k=16, block=128 (~3 min)
     python benchmarks/linformer_vs_full.py --lengths 4096,8192 --skip-quality
@@ -47,9 +55,9 @@ def _layer(variant: str, T: int, args):
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=args.width, num_attention_heads=args.heads, num_hidden_layers=1,
                       attention_type="linformer" if variant.startswith("linformer") else "full",
-                      linformer_k=args.k, linformer_block=args.block)
+                      linformer_k=args.k, linformer_block=args.block, linformer_window=args.window,
+                      linformer_recompute=variant == "linformer-recompute")
     layer = LinformerAttention(cfg, 0) if variant.startswith("linformer") else Attention(cfg, 0)
-    layer.recompute_blocks = variant != "linformer-keep"
     rope = RotaryEmbedding(cfg)(torch.arange(T)[None], torch.float32)
     x = torch.randn(1, T, args.width, requires_grad=True)
     grad_out = torch.randn(1, T, args.width)
@@ -72,17 +80,56 @@ def _backend(variant: str):
     return sdpa_kernel(SDPBackend.MATH) if variant == "full-math" else nullcontext()
 
 
+def _malloc_in_use():
+    """Bytes glibc's malloc has handed out and not taken back (None where mallinfo2 is unavailable)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+
+    def in_use() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+    return in_use
+
+
 def measure_memory(variant: str, T: int, args) -> dict:
-    """Child process: peak resident memory of one forward+backward, after a short warm-up that loads the
-    kernels (their one-time buffers would otherwise be charged to whichever variant runs first)."""
+    """Child process: peak memory of one forward+backward (module docstring), after a short warm-up that
+    loads the kernels (their one-time buffers would otherwise be charged to whichever variant runs first).
+    The RSS step runs first, untraced; the live-bytes step runs second, under a dispatch mode."""
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     torch.set_num_threads(1)
     _layer(variant, 2 * args.block + 5, args)()
     step = _layer(variant, T, args)
     before = _rss_kb("VmRSS")
     step()
-    return {"peak_mb": (_rss_kb("VmHWM") - before) / 1024}
+    result = {"rss_mb": (_rss_kb("VmHWM") - before) / 1024, "live_mb": float("nan")}
+    in_use = _malloc_in_use()
+    if in_use is None:
+        return result
+
+    class PeakInUse(TorchDispatchMode):
+        first, peak = None, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            now = in_use()
+            self.first = now if self.first is None else self.first
+            self.peak = max(self.peak, now)
+            return out
+
+    with PeakInUse() as mode:
+        step()
+    result["live_mb"] = (mode.peak - mode.first) / 2**20
+    return result
 
 
 def measure_time(variants: list[str], T: int, args) -> dict:
@@ -115,29 +162,28 @@ def run_child(fn: str, *fn_args, args) -> dict:
 
 def speed_and_memory(args) -> None:
     print(f"\none attention layer (q/k/v/o, RoPE), width {args.width}, {args.heads} heads, batch 1, fp32, 1 thread; "
-          f"Linformer k={args.k} per block of {args.block}\nforward+backward: median ms of {args.repeats} "
-          f"(interleaved) and peak RSS growth MB (fresh process each); speedup = full time / Linformer time, "
-          f"memory = Linformer MB / full MB, against fused SDPA and (vs math) SDPA's materialising kernel")
-    names = {"full": "full SDPA", "linformer": "Linformer", "linformer-keep": "Lin. keep", "full-math": "full math"}
-    cols = ["full", "linformer"] + (["linformer-keep"] if args.keep else []) + (["full-math"] if args.math else [])
-    head = f"{'T':>5} | " + " | ".join(f"{names[v] + ' ms':>14} {'MB':>6}" for v in cols)
-    head += f" | {'speedup':>7} | {'memory':>6}" + (f" | {'vs math':>7} | {'memory':>6}" if args.math else "")
+          f"Linformer k={args.k} per block of {args.block}, window {args.window}\nforward+backward: median ms of "
+          f"{args.repeats} (interleaved); live MB and RSS MB as in the module docstring (fresh process each); "
+          f"speed-up = baseline ms / variant ms, memory = variant MB / baseline MB")
+    names = {"full": "full SDPA", "full-math": "full math", "linformer": "Linformer",
+             "linformer-recompute": "Lin. recompute"}
+    cols = ["full", "linformer", "linformer-recompute"] + (["full-math"] if args.math else [])
+    head = (f"{'T':>5} | {'variant':<14} | {'ms':>7} | {'live MB':>7} | {'RSS MB':>6} || vs SDPA: {'speed':>6} "
+            f"{'live':>5} {'RSS':>5} || vs math: {'speed':>6} {'live':>5} {'RSS':>5}")
     print(head + "\n" + "-" * len(head))
     for T in args.lengths:
         run = [v for v in cols if v != "full-math" or T <= args.math_max]
         ms = run_child("measure_time", run, T, args=args)
-        mb = {v: run_child("measure_memory", v, T, args=args)["peak_mb"] for v in run}
-        cells = " | ".join(f"{ms[v]:>14.1f} {mb[v]:>6.1f}" if v in run else f"{'-':>14} {'-':>6}" for v in cols)
-        line = f"{T:>5} | {cells} | {_ratios(ms, mb, 'full')}"
-        if args.math:
-            no_math = f"{'-':>7} | {'-':>6}"
-            line += " | " + (_ratios(ms, mb, "full-math") if "full-math" in run else no_math)
-        print(line, flush=True)
-
-
-def _ratios(ms: dict, mb: dict, baseline: str) -> str:
-    """Speed-up (baseline time / Linformer time) and memory ratio (Linformer MB / baseline MB) cells."""
-    return f"{ms[baseline] / ms['linformer']:>6.2f}x | {mb['linformer'] / max(mb[baseline], 1e-9):>6.2f}"
+        mb = {v: run_child("measure_memory", v, T, args=args) for v in run}
+        for v in run:
+            line = f"{T:>5} | {names[v]:<14} | {ms[v]:>7.1f} | {mb[v]['live_mb']:>7.1f} | {mb[v]['rss_mb']:>6.1f} || "
+            for base in ("full", "full-math"):
+                if v.startswith("linformer") and base in run:
+                    line += (f"{'':>9}{ms[base] / ms[v]:>5.2f}x {mb[v]['live_mb'] / mb[base]['live_mb']:>5.2f} "
+                             f"{mb[v]['rss_mb'] / max(mb[base]['rss_mb'], 1e-9):>5.2f} || ")
+                else:
+                    line += f"{'':>9}{'-':>6} {'-':>5} {'-':>5} || "
+            print(line.rstrip(" |"), flush=True)
 
 
 def quality(args) -> None:
@@ -157,9 +203,10 @@ def quality(args) -> None:
         base = ("hidden_size: 128\nintermediate_size: 384\nnum_hidden_layers: 2\nnum_attention_heads: 4\n"
                 "num_key_value_heads: 4\n")
         k, block = args.quality_k, args.quality_block
-        rows = [("full", base), (f"linformer k={k}/{block}",
-                                 base + f"attention_type: linformer\nlinformer_k: {k}\nlinformer_block: {block}\n")]
-        print(f"{'model':>22} | {'params':>9} | {'val bits/byte':>13} | {'train s':>7}")
+        lin = base + f"attention_type: linformer\nlinformer_k: {k}\nlinformer_block: {block}\n"
+        rows = [("full", base)] + [(f"linformer-w{w} k={k}/{block}", lin + f"linformer_window: {w}\n")
+                                   for w in args.quality_windows]
+        print(f"{'model':>26} | {'params':>9} | {'val bits/byte':>13} | {'train s':>7}")
         for name, spec in rows:
             (tmp / "m.yaml").write_text(spec)
             cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=3e-3,
@@ -171,7 +218,7 @@ def quality(args) -> None:
             from slmkit.checkpoint import load_checkpoint
 
             params = load_checkpoint(tmp / name.split()[0]).model.num_parameters()
-            print(f"{name:>22} | {params:>9,} | {res.evals[-1]['val_bits_per_byte']:>13.3f} | {secs:>7.0f}",
+            print(f"{name:>26} | {params:>9,} | {res.evals[-1]['val_bits_per_byte']:>13.3f} | {secs:>7.0f}",
                   flush=True)
 
 
@@ -182,8 +229,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--k", type=int, default=16, help="Linformer summary rows per block")
     p.add_argument("--block", type=int, default=128, help="Linformer block size")
+    p.add_argument("--window", type=lambda s: None if s == "none" else int(s), default=4,
+                   help="Linformer window: blocks seen as their own summaries ('none': every block)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--keep", action="store_true", help="also Linformer keeping per-block keys for backward")
     p.add_argument("--math", action=argparse.BooleanOptionalAction, default=True,
                    help="also full attention with SDPA's math kernel (materialised T x T scores)")
     p.add_argument("--math-max", type=int, default=1024, help="longest T for the math kernel (memory)")
@@ -191,8 +239,10 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--quality-k", type=int, default=8)
-    p.add_argument("--quality-block", type=int, default=64)
+    p.add_argument("--quality-k", type=int, default=4)
+    p.add_argument("--quality-block", type=int, default=32)
+    p.add_argument("--quality-windows", type=lambda s: s.split(","), default=["null", "4", "1"],
+                   help="Linformer windows to train (null: every block as its own summaries)")
     args = p.parse_args()
     t0 = time.perf_counter()
     speed_and_memory(args)

@@ -58,6 +58,12 @@ class ModelConfig:
     attention_type: str = "full"
     linformer_k: int = 16  # keys/values of each block projected to this many rows (Linformer)
     linformer_block: int = 128  # causal block size for the projections
+    # Blocks a query sees as their own k summary rows; older blocks are averaged into one k-row summary, so
+    # attention is linear in T. None: every earlier block as its own rows (checkpoints saved before this field).
+    linformer_window: int | None = 4
+    # Train Linformer layers as a block scan that keeps no T-sized activation and recomputes each block in
+    # backward: far less training memory, about 1.5x slower (slmkit/model/linformer.py).
+    linformer_recompute: bool = False
     # Transformer-XL segment memory (slmkit/model/xl_memory.py): cached positions from earlier segments.
     memory_length: int = 0
     extra: dict = field(default_factory=dict)  # unknown HF fields, preserved on round trip
@@ -107,6 +113,10 @@ class ModelConfig:
             if not 0 < self.linformer_k <= self.linformer_block:
                 raise ConfigError(f"linformer_k={self.linformer_k} must be in 1..linformer_block="
                                   f"{self.linformer_block} (each block of keys is projected to k rows)")
+            if self.linformer_window is not None and (not isinstance(self.linformer_window, int)
+                                                      or self.linformer_window < 0):
+                raise ConfigError(f"linformer_window={self.linformer_window!r} must be an integer >= 0 (blocks "
+                                  f"seen as their own summaries) or null (every earlier block)")
         if self.memory_length < 0:
             raise ConfigError(f"memory_length={self.memory_length} must be >= 0")
         if self.memory_length and self.attention_type != "full":
@@ -152,7 +162,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(read_json_object(path), source=str(path))
+        d = read_json_object(path)
+        if d.get("attention_type") == "linformer" and "linformer_window" not in d:
+            d["linformer_window"] = None  # saved before the window existed: every block kept, as trained
+        return cls.from_dict(d, source=str(path))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
