@@ -94,6 +94,22 @@ def test_compiled_training_keeps_and_uses_the_memory(tiny_dataset, memory_yaml, 
     assert torch.isfinite(torch.tensor(losses(tmp_path / "compiled"))).all()
 
 
+@pytest.mark.slow
+def test_ddp_and_compile_together(tiny_dataset, memory_yaml, tmp_path):
+    """Two compiled DDP processes with memory: each rank still reads its own lanes in order, and the losses
+    match one eager process with the same global batch."""
+    eager = run_spied([], train_args(tiny_dataset, memory_yaml, tmp_path / "eager", steps=3), tmp_path / "log1")
+    both = run_spied(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+                     train_args(tiny_dataset, memory_yaml, tmp_path / "both", steps=3) + ["--compile"],
+                     tmp_path / "log2")
+    assert sorted(both) == [0, 1]
+    for rank, lanes in ((0, (0, 1)), (1, (2, 3))):
+        assert {tuple(r["lanes"]) for r in both[rank]} == {lanes}
+        assert_reads_in_order(both[rank])
+        assert [r["first"] for r in both[rank]] == [r["first"] for r in eager[0] if tuple(r["lanes"]) == lanes]
+    assert losses(tmp_path / "both") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
 def test_compile_runs_the_memory_step_in_process(memory_yaml):
     """The same path in process, small enough for every run: a compiled model reading six segments with memory
     gives the eager logits and memory, and stops recompiling once the memory is full (dynamo compiles for the
