@@ -133,6 +133,12 @@ def info(ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     t.add_row("architecture", f"{c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
                               f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv, MLP {c.intermediate_size}, "
                               f"vocab {c.vocab_size}, context {c.max_position_embeddings}")
+    if c.attention_type == "linformer":
+        window = "every earlier block" if c.linformer_window is None else f"{c.linformer_window} blocks + running mean"
+        t.add_row("attention", f"Linformer: blocks of {c.linformer_block} compressed to {c.linformer_k} rows, "
+                               f"window {window}" + (", trained as a block scan" if c.linformer_recompute else ""))
+    if c.memory_length:
+        t.add_row("attention", f"Transformer-XL memory of {c.memory_length} positions")
     for s in ck.provenance.get("stages", []):
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in s.get("metrics", {}).items())

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -330,3 +333,11 @@ def test_torch_compile_gives_the_same_outputs_and_gradients(recompute):
     assert torch.allclose(compiled, eager, atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_slm_info_describes_the_linformer_attention(tmp_path):
+    save_checkpoint(linformer_model(linformer_window=1), tmp_path / "ck")
+    r = subprocess.run([sys.executable, "-m", "slmkit.cli", "info", str(tmp_path / "ck")], capture_output=True,
+                       text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "Linformer: blocks of 4 compressed to 2 rows, window 1 blocks + running mean" in r.stdout
