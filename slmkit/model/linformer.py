@@ -82,7 +82,6 @@ class LinformerAttention(Attention):
     """Attention with the same q/k/v/o projections as `Attention`, plus per-layer sequence projections
     `proj_k` (E) and `proj_v` (F), each (linformer_k, linformer_block)."""
 
-
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.block, self.k_rows, self.window = config.linformer_block, config.linformer_k, config.linformer_window
@@ -195,10 +194,12 @@ class LinformerAttention(Attention):
         (sk, ck, k_early, k_late, k_tail), (sv, cv, v_early, v_late, v_tail) = pieces["k"], pieces["v"]
         gqa = Hkv != H
         for j, qj in enumerate(q_early.split(b, dim=2)):  # blocks 0..W: j k summary rows each
-            n_prev = self.context_rows(j)
-            y = self.attend(qj, [*self.context_parts(sk, ck, j), k_early[j]], [*self.context_parts(sv, cv, j),
-                            v_early[j]], self.block_mask(shared, 0, b, n_prev) if n_prev else None) \
-                if j else F.scaled_dot_product_attention(qj, k_early[0], v_early[0], is_causal=True, enable_gqa=gqa)
+            if j == 0:
+                y = F.scaled_dot_product_attention(qj, k_early[0], v_early[0], is_causal=True, enable_gqa=gqa)
+            else:
+                y = self.attend(qj, [*self.context_parts(sk, ck, j), k_early[j]],
+                                [*self.context_parts(sv, cv, j), v_early[j]],
+                                self.block_mask(shared, 0, b, self.context_rows(j)))
             outs.append(y.transpose(1, 2))
         q_late = q_late.transpose(1, 2).unflatten(1, (m, b)).flatten(0, 1).transpose(1, 2)  # (B m, H, b, hd)
         y = F.scaled_dot_product_attention(q_late, k_late, v_late, attn_mask=shared, enable_gqa=gqa)

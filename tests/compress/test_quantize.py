@@ -373,3 +373,24 @@ def test_gptq_on_mixture_of_experts_reloads(tmp_path):
     loaded = reload(model, [("quant.gptq", cfg, report)], tmp_path)
     with torch.no_grad():  # not torch.equal: the MoE forward differs by ~1e-8 between two copies of one fp32 model
         assert torch.allclose(loaded(x), out, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,options", [("quant.gptq", {"bits": 4, "group_size": 32}),
+                                          ("quant.int8", {"kernel": "weight_only"})], ids=["gptq4", "int8"])
+def test_linformer_model_quantizes_reloads_and_decodes(name, options, calib, tmp_path):
+    """Linformer's E, F are parameters, not Linears: passes quantize q/k/v/o around them, and the reloaded model
+    decodes with its KV cache as its own full forward does (the batched path at T >= (W + 2) b)."""
+    model = tiny_model(attention_type="linformer", linformer_k=2, linformer_block=4, linformer_window=1)
+    x = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        ref = model(x)
+    model, report, cfg = run_pass(model, name, options, calib)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, (Int4Linear, Int8Linear)) and isinstance(attn.proj_k, nn.Parameter)
+    loaded = reload(model, [(name, cfg, report)], tmp_path)
+    with torch.no_grad():
+        full = loaded(x)
+        cache = loaded.new_cache(2, 32)
+        steps = [loaded(x[:, :7], cache=cache)] + [loaded(x[:, t:t + 1], cache=cache) for t in range(7, 19)]
+    assert relative_error(full, ref) < 0.1
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
