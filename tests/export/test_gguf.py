@@ -596,8 +596,9 @@ def test_llama_cpp_scores_and_decodes_like_slmkit(tmp_path, slm_tokenizer_dir, c
 
 
 @pytest.mark.parametrize("file_type", ["q8_0", "q4_0"])
-@pytest.mark.parametrize("overrides", [CASES["llama3-untied"], dict(hidden_size=48, intermediate_size=96)],
-                         ids=["llama3", "f16-fallbacks"])
+@pytest.mark.parametrize("overrides", [CASES["llama3-untied"], dict(hidden_size=48, intermediate_size=96),
+                                       dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1)],
+                         ids=["llama3", "f16-fallbacks", "q6_k-output"])
 def test_llama_cpp_runs_quantized_files(tmp_path, slm_tokenizer_dir, file_type, overrides):
     """llama.cpp loads the mixed-type files and agrees with the dequantized weights; not exactly, because its
     quantized matmuls also round the activations (to q8_0/q8_1)."""
@@ -607,5 +608,7 @@ def test_llama_cpp_runs_quantized_files(tmp_path, slm_tokenizer_dir, file_type, 
     ids = prompt_ids(seed=3)
     llm.eval(ids)
     meta, tensors = read_gguf(path)
+    if overrides.get("hidden_size") == 256 and file_type == "q4_0":  # rows of 256: the tied output at Q6_K
+        assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q6_K
     reference = reference_logits(meta, tensors, ids).numpy()
     assert np.mean(np.asarray(llm.scores[:len(ids)]).argmax(-1) == reference.argmax(-1)) >= 0.8
