@@ -9,7 +9,9 @@ slice of the standard library, saves it as a checkpoint, starts `slm serve` on i
   target: HTTP overhead <= 10%;
 - aggregate decode tokens/s with 8 concurrent streaming clients against 1 (all tokens / wall time from
   the first request to the last finish); target: >= 4x (continuous batching);
-- time to first token at batch 1 for a 256-token prompt, over HTTP and direct.
+- time to first token at batch 1 for a 256-token prompt, over HTTP and direct;
+- `n` choices of one 256-token prompt (direct, 16 tokens each): wall time with the prompt prefilled once
+  for all choices against prefilled once per choice (`Engine.share_prefill` off).
 
 Medians of `--repeats`. Both sides run with the same torch thread count (`--threads`).
 
@@ -117,6 +119,20 @@ def direct_stream(engine: Engine, prompt: list[int], max_tokens: int) -> dict:
     return {"start": t0, "first": first, "last": last, "tokens": tokens}
 
 
+def n_choices(engine: Engine, prompt: list[int], n: int, share: bool) -> float:
+    """Seconds until all n sampled choices of one prompt (16 tokens each), queued together, are finished."""
+    engine.share_prefill = share
+    done = threading.Semaphore(0)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    t0 = time.perf_counter()
+    engine.submit_all([(EngineRequest(prompt, params), lambda ev: isinstance(ev, Finished) and done.release())
+                       for _ in range(n)])
+    for _ in range(n):
+        done.acquire()
+    engine.share_prefill = True
+    return time.perf_counter() - t0
+
+
 def decode_rate(run: dict) -> float:
     return (run["tokens"] - 1) / (run["last"] - run["first"])
 
@@ -168,6 +184,7 @@ def main() -> None:
                 http_stream(client, url, prompt, 8)  # warm-up both sides
                 direct_stream(engine, prompt, 8)
                 single_http, single_direct, ttft_http, ttft_direct, agg_1, agg_n = [], [], [], [], [], []
+                n_each, n_shared = [], []
                 for _ in range(args.repeats):  # the two sides take turns inside each repeat
                     single_direct.append(decode_rate(direct_stream(engine, prompt, args.tokens)))
                     single_http.append(decode_rate(http_stream(client, url, prompt, args.tokens)))
@@ -177,12 +194,16 @@ def main() -> None:
                     ttft_http.append(r["first"] - r["start"])
                     agg_1.append(concurrent(url, prompts[:1], args.tokens))
                     agg_n.append(concurrent(url, prompts, args.tokens))
+                    n_each.append(n_choices(engine, long_prompt, args.clients, share=False))
+                    n_shared.append(n_choices(engine, long_prompt, args.clients, share=True))
             med = statistics.median
             rows = {
                 "decode tok/s, 1 stream: HTTP vs engine direct": (med(single_http), med(single_direct)),
                 f"aggregate decode tok/s, HTTP: {args.clients} streams vs 1": (med(agg_n), med(agg_1)),
                 "time to first token, 256-token prompt (ms): HTTP vs direct": (1000 * med(ttft_http),
                                                                                1000 * med(ttft_direct)),
+                f"n={args.clients} choices of a 256-token prompt (ms): each prefilled vs shared": (
+                    1000 * med(n_each), 1000 * med(n_shared)),
             }
         finally:
             proc.terminate()

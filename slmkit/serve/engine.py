@@ -26,8 +26,11 @@ own `torch.Generator`, so its tokens do not depend on what else shares the batch
 `generate(..., seed=s)` for one prompt). Log-probabilities are the log-softmax of the model's raw logits
 (before temperature, top-k/top-p and repetition penalty), which is what OpenAI's API reports.
 
+Identical prompts admitted together (the `n` choices of one request, queued at once by `submit_all`) are
+prefilled once and their cache rows copied; prompts that merely share a prefix are prefilled separately.
+
 Limits of this design: a long prompt's prefill stalls the running rows for its duration (no chunked
-prefill), and `n` samples of one prompt are prefilled separately (no prefix sharing). Linformer models
+prefill), and there is no prefix cache across requests. Linformer models
 compress the cache in fixed blocks of cache columns, so under padding their batched outputs match the
 unbatched ones only approximately (see slmkit/model/linformer.py).
 """
@@ -276,6 +279,8 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="slmkit-engine", daemon=True)
         self.steps = 0  # decode steps run (for tests and stats)
+        self.prefill_rows = 0  # prompts prefilled (identical prompts admitted together count once)
+        self.share_prefill = True  # prefill identical prompts once (off: for comparisons)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -324,19 +329,27 @@ class Engine:
                              f"{self.config.max_position_embeddings} tokens; shorten the prompt or lower max_tokens")
 
     def submit(self, request: EngineRequest, on_event: Callable[[Event], None]) -> RequestHandle:
-        self.check(request)
-        handle = RequestHandle(self)
-        row = _Row(request, on_event, handle, self.tokenizer, self.config, self.device)
+        return self.submit_all([(request, on_event)])[0]
+
+    def submit_all(self, requests: list[tuple[EngineRequest, Callable[[Event], None]]]) -> list[RequestHandle]:
+        """Queue several requests at once (e.g. the `n` choices of one API call): all are accepted or none
+        (`EngineBusy`), and they wait side by side, so they are admitted, and identical prompts prefilled,
+        together."""
+        for request, _ in requests:
+            self.check(request)
+        rows = [_Row(request, on_event, RequestHandle(self), self.tokenizer, self.config, self.device)
+                for request, on_event in requests]
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shut down")
             free_slots = max(0, self.max_concurrent - self._running)
-            if len(self._waiting) >= self.max_waiting + free_slots:
-                raise EngineBusy(f"{self._running} sequences running and {len(self._waiting)} waiting "
+            if len(self._waiting) + len(rows) > self.max_waiting + free_slots:
+                raise EngineBusy(f"{self._running} sequences running and {len(self._waiting)} waiting; "
+                                 f"{len(rows)} more do not fit "
                                  f"(max_concurrent={self.max_concurrent}, max_waiting={self.max_waiting})")
-            self._waiting.append(row)
+            self._waiting.extend(rows)
             self._cond.notify_all()
-        return handle
+        return [row.handle for row in rows]
 
     def stream(self, request: EngineRequest) -> Iterator[Event]:
         """Submit and yield the request's events in this thread; leaving the loop early cancels it."""
@@ -416,13 +429,27 @@ class Engine:
         cfg, model = self.config, self.model
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         prompts = [r.request.prompt_ids for r in rows]
-        input_ids, mask, positions = left_pad(prompts, pad_id, self.device)  # (b, S)
-        b, S = input_ids.shape
+        # Rows with the same prompt (the `n` choices of a request) are prefilled once, then copied: row i
+        # takes prefill row src[i].
+        slot: dict[tuple, int] = {}
+        src = [slot.setdefault(tuple(p), len(slot)) for p in prompts] if self.share_prefill else []
+        if len(slot) == len(prompts) or not self.share_prefill:
+            src = None
+        prefill = prompts if src is None else [list(p) for p in slot]
+        input_ids, mask, positions = left_pad(prefill, pad_id, self.device)  # (u, S)
+        S = input_ids.shape[1]
         room = max(1, max(r.remaining for r in rows))
-        cache = model.new_cache(b, S + room, dtype=self._cache_dtype)
+        cache = model.new_cache(len(prefill), S + room, dtype=self._cache_dtype)
         scoring = [i for i, r in enumerate(rows) if r.request.prompt_logprobs is not None]
         logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache,
-                       last_only=not scoring)  # (b, S or 1, V)
+                       last_only=not scoring)  # (u, S or 1, V)
+        self.prefill_rows += len(prefill)
+        if src is not None:  # every row gets its prompt's cache and logits: (b, ...)
+            sel = torch.tensor(src, device=self.device)
+            cache.select_rows(sel)
+            logits, input_ids = logits[sel], input_ids[sel]
+            mask = None if mask is None else mask[sel]
+        b = len(rows)
         for i in scoring:  # prompt logprobs: position t predicts token t + 1
             n, k = len(prompts[i]), rows[i].request.prompt_logprobs
             lp = logits[i, S - n:S - 1].float().log_softmax(-1)  # (n - 1, V)

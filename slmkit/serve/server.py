@@ -61,13 +61,7 @@ class _Job:
         self._events: deque = deque()
         self._ready = asyncio.Event()
         self._wake_pending = False
-        self.handles = []
-        try:
-            for i, r in enumerate(requests):
-                self.handles.append(engine.submit(r, lambda ev, i=i: self._push(i, ev)))
-        except BaseException:
-            self.cancel()
-            raise
+        self.handles = engine.submit_all([(r, lambda ev, i=i: self._push(i, ev)) for i, r in enumerate(requests)])
 
     def _push(self, index: int, event) -> None:  # scheduler thread
         self._events.append((index, event))

@@ -206,3 +206,55 @@ def test_newcomers_ending_at_their_first_token_leave_the_batch_intact(engine, mo
         got += ev.token_ids if isinstance(ev, Delta) else []
     assert got == ref and all(r.completion_tokens == 1 for r in short)
     wait_idle(engine)
+
+
+def collect(engine: Engine, requests: list[EngineRequest]) -> list[Finished]:
+    """Queue `requests` at once with `submit_all` and wait for all of them."""
+    results: dict[int, Finished] = {}
+    done = threading.Event()
+
+    def listener(i):
+        def on_event(ev):
+            if isinstance(ev, Finished):
+                results[i] = ev
+                if len(results) == len(requests):
+                    done.set()
+        return on_event
+
+    engine.submit_all([(r, listener(i)) for i, r in enumerate(requests)])
+    assert done.wait(30)
+    return [results[i] for i in range(len(requests))]
+
+
+def test_identical_prompts_queued_together_are_prefilled_once(engine, model, tokenizer):
+    # The n choices of one request: 3 seeded samples of PROMPTS[2] and a greedy one, beside another prompt.
+    ids = engine.encode(PROMPTS[2])
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2, 3)] + [greedy(8)]
+    requests = [EngineRequest(ids, p, prompt_logprobs=2) for p in params]
+    requests.append(EngineRequest(engine.encode(PROMPTS[0]), greedy(8)))
+    wait_idle(engine)
+    before = engine.prefill_rows
+    got = collect(engine, requests)
+    assert engine.prefill_rows - before == 2  # two distinct prompts
+    for p, res in zip(params[:3], got[:3]):  # each sample as if alone, with the shared prefill
+        assert res.token_ids == generate(model, tokenizer, PROMPTS[2], p)[0].token_ids
+    assert len({tuple(r.token_ids) for r in got[:3]}) > 1  # the samples differ
+    assert got[3].token_ids == generate(model, tokenizer, PROMPTS[2], greedy(8))[0].token_ids
+    assert got[4].token_ids == generate(model, tokenizer, PROMPTS[0], greedy(8))[0].token_ids
+    # Prompt logprobs are read from the one prefill for every copy.
+    first = [(t.token_id, round(t.logprob, 5)) for t in got[0].prompt_logprobs[1:]]
+    assert all([(t.token_id, round(t.logprob, 5)) for t in r.prompt_logprobs[1:]] == first for r in got[1:4])
+    engine.share_prefill = False
+    before = engine.prefill_rows
+    unshared = collect(engine, requests)
+    assert engine.prefill_rows - before == 5
+    assert [r.token_ids for r in unshared] == [r.token_ids for r in got]
+
+
+def test_submit_all_is_all_or_nothing(model, tokenizer):
+    with Engine(model, tokenizer, max_concurrent=1, max_waiting=2) as eng:
+        ids = eng.encode(PROMPTS[0])
+        with pytest.raises(EngineBusy, match="4 more do not fit"):
+            eng.submit_all([(EngineRequest(ids, greedy(4)), lambda ev: None) for _ in range(4)])
+        assert eng.stats()["waiting"] == 0  # nothing of the refused request was queued
+        assert len(collect(eng, [EngineRequest(ids, greedy(4)) for _ in range(3)])) == 3
