@@ -10,6 +10,8 @@ slice of the standard library, saves it as a checkpoint, starts `slm serve` on i
 - aggregate decode tokens/s with 8 concurrent streaming clients against 1 (all tokens / wall time from
   the first request to the last finish); target: >= 4x (continuous batching);
 - time to first token at batch 1 for a 256-token prompt, over HTTP and direct;
+- stall: the longest gap between two tokens of a running stream while a 768-token prompt is admitted
+  (direct), prefilled in chunks of 256 tokens (the default) against all at once (`prefill_chunk=None`);
 - `n` choices of one 256-token prompt (direct, 16 tokens each): wall time with the prompt prefilled once
   for all choices against prefilled once per choice (`Engine.share_prefill` off).
 
@@ -133,6 +135,36 @@ def n_choices(engine: Engine, prompt: list[int], n: int, share: bool) -> float:
     return time.perf_counter() - t0
 
 
+def stall(engine: Engine, prompt: list[int], long_prompt: list[int], chunk: int | None) -> float:
+    """Longest gap (s) between consecutive tokens of a running stream while `long_prompt` is admitted: from
+    the token before it arrives to two tokens after its own first token."""
+    engine.prefill_chunk = chunk
+    times: list[float] = []
+    after_long = threading.Semaphore(0)
+    state = {"long_done": False}
+
+    def on_long(ev):
+        if isinstance(ev, Finished):
+            state["long_done"] = True
+
+    def on_event(ev):
+        if isinstance(ev, Delta):
+            times.append(time.perf_counter())
+            if len(times) == 8:  # the stream is running: the long prompt arrives
+                engine.submit(EngineRequest(long_prompt, SamplingParams(max_new_tokens=1, temperature=0)), on_long)
+            elif state["long_done"]:
+                after_long.release()
+
+    handle = engine.submit(EngineRequest(prompt, SamplingParams(max_new_tokens=400, temperature=0,
+                                                                stop_token_ids=[])), on_event)
+    for _ in range(2):
+        after_long.acquire(timeout=120)
+    handle.cancel()
+    engine.prefill_chunk = 256
+    after = times[7:]
+    return max(b - a for a, b in zip(after, after[1:]))
+
+
 def decode_rate(run: dict) -> float:
     return (run["tokens"] - 1) / (run["last"] - run["first"])
 
@@ -177,6 +209,7 @@ def main() -> None:
         prompt = [bos] + ids[:31]  # 32 tokens
         prompts = [[bos] + ids[i * 40:i * 40 + 31] for i in range(args.clients)]
         long_prompt = [bos] + ids[1000:1255]  # 256 tokens
+        very_long = [bos] + ids[2000:2767]  # 768 tokens
         proc, url = start_server(ckpt, args.threads, args.clients, args.device)
         rows = {}
         try:
@@ -184,7 +217,7 @@ def main() -> None:
                 http_stream(client, url, prompt, 8)  # warm-up both sides
                 direct_stream(engine, prompt, 8)
                 single_http, single_direct, ttft_http, ttft_direct, agg_1, agg_n = [], [], [], [], [], []
-                n_each, n_shared = [], []
+                n_each, n_shared, stall_whole, stall_chunked = [], [], [], []
                 for _ in range(args.repeats):  # the two sides take turns inside each repeat
                     single_direct.append(decode_rate(direct_stream(engine, prompt, args.tokens)))
                     single_http.append(decode_rate(http_stream(client, url, prompt, args.tokens)))
@@ -196,12 +229,16 @@ def main() -> None:
                     agg_n.append(concurrent(url, prompts, args.tokens))
                     n_each.append(n_choices(engine, long_prompt, args.clients, share=False))
                     n_shared.append(n_choices(engine, long_prompt, args.clients, share=True))
+                    stall_whole.append(stall(engine, prompt, very_long, None))
+                    stall_chunked.append(stall(engine, prompt, very_long, 256))
             med = statistics.median
             rows = {
                 "decode tok/s, 1 stream: HTTP vs engine direct": (med(single_http), med(single_direct)),
                 f"aggregate decode tok/s, HTTP: {args.clients} streams vs 1": (med(agg_n), med(agg_1)),
                 "time to first token, 256-token prompt (ms): HTTP vs direct": (1000 * med(ttft_http),
                                                                                1000 * med(ttft_direct)),
+                "longest token gap of a stream while a 768-token prompt joins (ms): whole vs 256-chunks": (
+                    1000 * med(stall_whole), 1000 * med(stall_chunked)),
                 f"n={args.clients} choices of a 256-token prompt (ms): each prefilled vs shared": (
                     1000 * med(n_each), 1000 * med(n_shared)),
             }
@@ -212,9 +249,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
     print(f"\npreset {args.preset}, {ck.model.num_parameters():,} parameters, {where}, "
           f"{args.tokens} tokens per request, medians of {args.repeats}")
-    print(f"{'measure':<62} {'value':>10} {'baseline':>10} {'ratio':>7}")
+    print(f"{'measure':<84} {'value':>10} {'baseline':>10} {'ratio':>7}")
     for name, (value, base) in rows.items():
-        print(f"{name:<62} {value:>10.1f} {base:>10.1f} {value / base:>6.2f}x")
+        print(f"{name:<84} {value:>10.1f} {base:>10.1f} {value / base:>6.2f}x")
 
 
 if __name__ == "__main__":

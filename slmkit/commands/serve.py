@@ -71,6 +71,9 @@ def serve(
                                                "(or set SLM_API_KEY)."),
     max_concurrent: int = typer.Option(8, help="Sequences decoded together (continuous batching)."),
     max_queue: int = typer.Option(64, help="Sequences that may wait for a slot; beyond that requests get 503."),
+    prefill_chunk: int = typer.Option(256, help="Prompt tokens prefilled per step; running streams decode "
+                                      "between chunks, so a long prompt never stalls them for its whole prefill "
+                                      "(0: whole prompts at once)."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted (413 beyond)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt accepted (default: the context)."),
     max_n: int = typer.Option(8, help="Largest `n` (samples per prompt) accepted."),
@@ -99,5 +102,5 @@ def serve(
     from ..serve.server import serve as run_server
 
     run_server(ckpt, host=host, port=port, api_key=api_key, max_concurrent=max_concurrent, max_waiting=max_queue,
-               max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+               prefill_chunk=prefill_chunk or None, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
                log_requests=log_requests, dtype=dtype, device=device, model_name=model_name)

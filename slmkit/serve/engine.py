@@ -3,13 +3,16 @@ the running batch between decode steps.
 
 Scheduling is iteration-level (Yu et al., 2022, "Orca: A Distributed Serving System for Transformer-Based
 Generative Models"): every iteration of the scheduler thread
-  1. admits waiting requests while fewer than `max_concurrent` sequences run: the newcomers are prefilled
-     together as one left-padded batch, their first token is sampled, and they are merged into the
-     running batch;
-  2. decodes one token for every running sequence in one forward pass;
-  3. retires the sequences that finished (stop token, stop string, `max_new_tokens`) or were cancelled,
+  1. admits waiting requests while fewer than `max_concurrent` sequences run and no prefill is under way:
+     the newcomers are prefilled together as one left-padded batch;
+  2. runs the next chunk of that prefill, at most `prefill_chunk` prompt tokens (chunked prefill, as in
+     Agrawal et al., 2024, "Sarathi-Serve"); after the last chunk their first token is sampled and they
+     are merged into the running batch;
+  3. decodes one token for every running sequence in one forward pass;
+  4. retires the sequences that finished (stop token, stop string, `max_new_tokens`) or were cancelled,
      which frees their slots for the next iteration's admissions.
-A request therefore waits for at most one decode step before it starts, never for a whole batch to end.
+A request therefore waits for at most one decode step before its prefill starts, never for a whole batch to
+end, and a long prompt delays the running sequences by one chunk per step instead of its whole prefill.
 
 Batch layout: one KV cache shared by all running rows, left-padded as in `generate.py`. Row r's n_r
 tokens sit at the right end of the cache, columns [L - n_r, L) with L = `cache.length`; an attention mask
@@ -29,10 +32,11 @@ own `torch.Generator`, so its tokens do not depend on what else shares the batch
 Identical prompts admitted together (the `n` choices of one request, queued at once by `submit_all`) are
 prefilled once and their cache rows copied; prompts that merely share a prefix are prefilled separately.
 
-Limits of this design: a long prompt's prefill stalls the running rows for its duration (no chunked
-prefill), and there is no prefix cache across requests. Linformer models
-compress the cache in fixed blocks of cache columns, so under padding their batched outputs match the
-unbatched ones only approximately (see slmkit/model/linformer.py).
+Limits of this design: newcomers arriving during a chunked prefill wait for it to end; chunks of one
+prefill run in sequence with the decode steps, not fused with them into one forward pass; and there is no
+prefix cache across requests. Linformer models compress the cache in fixed blocks of cache columns, so
+under padding their batched outputs match the unbatched ones only approximately (see
+slmkit/model/linformer.py).
 """
 
 from __future__ import annotations
@@ -251,6 +255,20 @@ def _merge(model, a: _Batch | None, b: _Batch) -> _Batch:
     return _Batch(a.rows + b.rows, cache, mask, a.lengths + b.lengths, torch.cat([a.next_ids, b.next_ids]))
 
 
+@dataclass
+class _Prefill:
+    """Newcomers being prefilled, possibly over several scheduler iterations (chunked prefill)."""
+    rows: list[_Row]
+    src: list[int] | None  # row i's prefill row (identical prompts share one), None: row i is prefill row i
+    input_ids: torch.Tensor  # (u, S) left-padded
+    mask: torch.Tensor | None
+    positions: torch.Tensor | None
+    cache: object
+    scoring: bool  # some row wants prompt logprobs: keep every position's logits
+    done: int = 0  # columns prefilled so far
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
 # -- the engine --------------------------------------------------------------------------------------
 
 class Engine:
@@ -262,9 +280,12 @@ class Engine:
     runs the model under autocast with a KV cache of that dtype, as in `generate`."""
 
     def __init__(self, model, tokenizer, *, max_concurrent: int = 8, max_waiting: int = 64,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, prefill_chunk: int | None = 256):
         if max_concurrent < 1 or max_waiting < 0:
             raise ValueError(f"max_concurrent must be >= 1 and max_waiting >= 0, got {max_concurrent}, {max_waiting}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 (or None: whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
         self.device = next(model.parameters()).device
@@ -275,6 +296,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Row] = deque()
         self._batch: _Batch | None = None
+        self._prefill: _Prefill | None = None  # newcomers being prefilled, one chunk per iteration
         self._running = 0  # rows in the batch, read by other threads under the lock
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="slmkit-engine", daemon=True)
@@ -388,72 +410,100 @@ class Engine:
         with torch.inference_mode(), amp:
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and self._batch is None:
+                    while not self._closed and not self._waiting and self._batch is None and self._prefill is None:
                         self._cond.wait()
                     if self._closed:
                         break
                     newcomers = []
-                    while self._waiting and self._running + len(newcomers) < self.max_concurrent:
+                    while self._prefill is None and self._waiting and \
+                            self._running + len(newcomers) < self.max_concurrent:
                         row = self._waiting.popleft()
                         if not row.handle.cancelled:
                             newcomers.append(row)
                     self._running += len(newcomers)
                 try:
                     if newcomers:
-                        self._admit(newcomers)
+                        self._prefill = self._admit(newcomers)
+                    p = self._prefill
+                    if p is not None and all(r.handle.cancelled for r in p.rows):
+                        self._prefill = None  # nobody waits for it any more
+                    elif p is not None and self._prefill_step(p):
+                        self._prefill = None
+                        self._finish_prefill(p)
                     if self._batch is not None:
                         self._step()
                 except Exception as e:  # a failing forward fails its requests, not the server
                     log.exception("generation step failed")
-                    rows = (self._batch.rows if self._batch else []) + newcomers
-                    for row in {id(r): r for r in rows}.values():
+                    rows = (self._batch.rows if self._batch else []) + (self._prefill.rows if self._prefill else [])
+                    for row in {id(r): r for r in rows + newcomers}.values():
                         row.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                    self._batch = None
+                    self._batch = self._prefill = None
                 self._set_running()
         self._shutdown()
 
     def _set_running(self) -> None:
         with self._cond:
-            self._running = len(self._batch.rows) if self._batch is not None else 0
+            self._running = (len(self._batch.rows) if self._batch is not None else 0) + \
+                (len(self._prefill.rows) if self._prefill is not None else 0)
 
     def _shutdown(self) -> None:
         with self._cond:
-            rows = list(self._waiting) + (self._batch.rows if self._batch else [])
+            rows = list(self._waiting) + (self._batch.rows if self._batch else []) + \
+                (self._prefill.rows if self._prefill else [])
             self._waiting.clear()
-            self._batch, self._running = None, 0
+            self._batch, self._prefill, self._running = None, None, 0
         for row in rows:
             row.emit(Failed("the server is shutting down"))
 
-    def _admit(self, rows: list[_Row]) -> None:
-        """Prefill `rows` together, sample their first token and merge the survivors into the batch."""
-        cfg, model = self.config, self.model
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    def _admit(self, rows: list[_Row]) -> "_Prefill":
+        """Start prefilling `rows` together: one left-padded batch, identical prompts (the `n` choices of a
+        request) prefilled once, their cache rows copied when the prefill ends."""
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         prompts = [r.request.prompt_ids for r in rows]
-        # Rows with the same prompt (the `n` choices of a request) are prefilled once, then copied: row i
-        # takes prefill row src[i].
         slot: dict[tuple, int] = {}
         src = [slot.setdefault(tuple(p), len(slot)) for p in prompts] if self.share_prefill else []
-        if len(slot) == len(prompts) or not self.share_prefill:
-            src = None
+        if not self.share_prefill or len(slot) == len(prompts):
+            src = None  # row i is prefill row i
         prefill = prompts if src is None else [list(p) for p in slot]
         input_ids, mask, positions = left_pad(prefill, pad_id, self.device)  # (u, S)
-        S = input_ids.shape[1]
         room = max(1, max(r.remaining for r in rows))
-        cache = model.new_cache(len(prefill), S + room, dtype=self._cache_dtype)
-        scoring = [i for i, r in enumerate(rows) if r.request.prompt_logprobs is not None]
-        logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache,
-                       last_only=not scoring)  # (u, S or 1, V)
+        cache = self.model.new_cache(len(prefill), input_ids.shape[1] + room, dtype=self._cache_dtype)
         self.prefill_rows += len(prefill)
-        if src is not None:  # every row gets its prompt's cache and logits: (b, ...)
-            sel = torch.tensor(src, device=self.device)
+        return _Prefill(rows, src, input_ids, mask, positions, cache,
+                        scoring=any(r.request.prompt_logprobs is not None for r in rows))
+
+    def _prefill_step(self, p: "_Prefill") -> bool:
+        """Run the next chunk of `p` (at most `prefill_chunk` tokens: running rows decode between chunks, so a
+        long prompt delays them by one chunk at a time). True when the prefill is complete."""
+        S = p.input_ids.shape[1]
+        end = S if self.prefill_chunk is None else min(S, p.done + self.prefill_chunk)
+        cols = slice(p.done, end)
+        logits = self.model(p.input_ids[:, cols], position_ids=None if p.positions is None else p.positions[:, cols],
+                            attention_mask=None if p.mask is None else p.mask[:, :end], cache=p.cache,
+                            last_only=not p.scoring)  # (u, chunk or 1, V)
+        p.done = end
+        if p.scoring:
+            p.logits.append(logits)
+        else:
+            p.logits = [logits]
+        return end == S
+
+    def _finish_prefill(self, p: "_Prefill") -> None:
+        """Sample the first token of every row of a complete prefill and merge the survivors into the batch."""
+        rows, input_ids, mask, cache = p.rows, p.input_ids, p.mask, p.cache
+        logits = torch.cat(p.logits, dim=1) if len(p.logits) > 1 else p.logits[0]  # (u, S or 1, V)
+        if p.src is not None:  # every row gets its prompt's cache and logits: (b, ...)
+            sel = torch.tensor(p.src, device=self.device)
             cache.select_rows(sel)
             logits, input_ids = logits[sel], input_ids[sel]
             mask = None if mask is None else mask[sel]
-        b = len(rows)
-        for i in scoring:  # prompt logprobs: position t predicts token t + 1
-            n, k = len(prompts[i]), rows[i].request.prompt_logprobs
-            lp = logits[i, S - n:S - 1].float().log_softmax(-1)  # (n - 1, V)
-            rows[i].prompt_logprobs = [None] + _token_logprobs(lp, input_ids[i, S - n + 1:], k)
+        b, S = input_ids.shape
+        prompts = [r.request.prompt_ids for r in rows]
+        for i, r in enumerate(rows):  # prompt logprobs: position t predicts token t + 1
+            if r.request.prompt_logprobs is not None:
+                n = len(prompts[i])
+                lp = logits[i, S - n:S - 1].float().log_softmax(-1)  # (n - 1, V)
+                r.prompt_logprobs = [None] + _token_logprobs(lp, input_ids[i, S - n + 1:], r.request.prompt_logprobs)
         last = logits[:, -1].float()  # (b, V)
         live = []
         for i, r in enumerate(rows):
@@ -465,10 +515,10 @@ class Engine:
             return
         if mask is None:
             mask = input_ids.new_ones(b, S)
-        batch = _Batch(rows, cache, mask, [len(p) for p in prompts], input_ids[:, -1])
+        batch = _Batch(rows, cache, mask, [len(q) for q in prompts], input_ids[:, -1])
         joining = self._sample_and_push(batch.keep(live), last[live])  # None if all ended at their first token
         if joining is not None:
-            self._batch = _merge(model, self._batch, joining)
+            self._batch = _merge(self.model, self._batch, joining)
 
     def _step(self) -> None:
         """One decode step for every running row."""

@@ -420,8 +420,8 @@ class BackgroundServer:
 
 
 def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_concurrent: int = 8, max_waiting: int = 64, max_body_bytes: int = 1 << 20,
-          max_prompt_tokens: int | None = None, max_n: int = 8, log_requests: bool = False,
+          max_concurrent: int = 8, max_waiting: int = 64, prefill_chunk: int | None = 256,
+          max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_n: int = 8, log_requests: bool = False,
           dtype: str = "auto", device: str = "auto", model_name: str | None = None) -> None:
     """Load `checkpoint` and serve it until interrupted (the body of `slm serve`)."""
     from pathlib import Path
@@ -442,7 +442,8 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         run_dtype = torch.bfloat16
     ck = load_checkpoint(checkpoint, device=device)
     template = load_chat_template(ck.path)
-    engine = Engine(ck.model, ck.tokenizer(), max_concurrent=max_concurrent, max_waiting=max_waiting, dtype=run_dtype)
+    engine = Engine(ck.model, ck.tokenizer(), max_concurrent=max_concurrent, max_waiting=max_waiting, dtype=run_dtype,
+                    prefill_chunk=prefill_chunk)
     config = ServerConfig(model_name=model_name or Path(checkpoint).resolve().name, api_key=api_key,
                           max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
                           log_requests=log_requests)

@@ -258,3 +258,45 @@ def test_submit_all_is_all_or_nothing(model, tokenizer):
             eng.submit_all([(EngineRequest(ids, greedy(4)), lambda ev: None) for _ in range(4)])
         assert eng.stats()["waiting"] == 0  # nothing of the refused request was queued
         assert len(collect(eng, [EngineRequest(ids, greedy(4)) for _ in range(3)])) == 3
+
+
+def test_chunked_prefill_equals_whole_prompt_prefill(model, tokenizer):
+    # Mixed lengths (padding), a repeated prompt (shared prefill), seeds and prompt logprobs, prefilled 3 tokens
+    # at a time, against whole prompts.
+    texts = [PROMPTS[2], PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    params = [greedy(6), SamplingParams(max_new_tokens=6, temperature=1.0, seed=5), greedy(6), greedy(3)]
+    results = {}
+    for chunk in (3, None):
+        with Engine(model, tokenizer, max_concurrent=4, prefill_chunk=chunk) as eng:
+            reqs = [EngineRequest(eng.encode(t), p, prompt_logprobs=1) for t, p in zip(texts, params)]
+            results[chunk] = collect(eng, reqs)
+    for a, b in zip(results[3], results[None]):
+        assert a.token_ids == b.token_ids
+        assert [t.token_id for t in a.prompt_logprobs[1:]] == [t.token_id for t in b.prompt_logprobs[1:]]
+        assert [t.logprob for t in a.prompt_logprobs[1:]] == pytest.approx([t.logprob for t in b.prompt_logprobs[1:]],
+                                                                           abs=1e-5)
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(model, tokenizer):
+    with Engine(model, tokenizer, max_concurrent=2, prefill_chunk=4) as eng:
+        long_ids = eng.encode(" ".join([PROMPTS[2]] * 3))  # about ten chunks of 4 tokens
+        chunks = -(-len(long_ids) // 4)
+        marks = {}
+        done = threading.Event()
+
+        def on_long(ev):
+            if isinstance(ev, Delta) and "first" not in marks:
+                marks["first"] = eng.steps
+            if isinstance(ev, Finished):
+                done.set()
+
+        def on_short(ev):
+            if isinstance(ev, Delta) and eng.steps >= 2 and "submit" not in marks:
+                marks["submit"] = eng.steps
+                eng.submit(EngineRequest(long_ids, greedy(2)), on_long)
+
+        short = eng.submit(EngineRequest(eng.encode(PROMPTS[1]), greedy(60)), on_short)
+        assert done.wait(30)
+        short.cancel()
+    # One decode step of the running row per chunk, instead of none until the whole prompt is in.
+    assert chunks >= 8 and marks["first"] - marks["submit"] >= chunks - 1
