@@ -52,6 +52,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..model.cache import KVCache
 from .generate import RowOutput, SamplingParams, apply_repetition_penalty, left_pad, sample_next, stop_token_ids
 
 log = logging.getLogger("slmkit.serve.engine")
@@ -263,7 +264,7 @@ class _Prefill:
     input_ids: torch.Tensor  # (u, S) left-padded
     mask: torch.Tensor | None
     positions: torch.Tensor | None
-    cache: object
+    cache: KVCache
     scoring: bool  # some row wants prompt logprobs: keep every position's logits
     done: int = 0  # columns prefilled so far
     logits: list[torch.Tensor] = field(default_factory=list)
