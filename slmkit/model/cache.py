@@ -20,6 +20,9 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
         self.length = 0  # tokens already stored (same for every layer once a forward pass completes)
+        # Per-layer state derived from the stored columns (e.g. Linformer block summaries), keyed by layer:
+        # tuples of (B, ...) tensors; rows follow select_rows, and drop_columns discards it.
+        self.derived: dict[int, tuple[torch.Tensor, ...]] = {}
 
     @property
     def batch_size(self) -> int:
@@ -41,3 +44,12 @@ class KVCache:
         """Keep only the given batch rows (e.g. drop finished sequences)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
+        self.derived = {layer: tuple(t[rows] for t in state) for layer, state in self.derived.items()}
+
+    def drop_columns(self, n: int) -> None:
+        """Drop the first n stored columns (padding no row needs any more); derived state is discarded,
+        since it was computed on the old column positions."""
+        self.keys = [k[:, :, n:] for k in self.keys]
+        self.values = [v[:, :, n:] for v in self.values]
+        self.length, self.max_length = self.length - n, self.max_length - n
+        self.derived = {}

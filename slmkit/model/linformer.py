@@ -98,6 +98,21 @@ class LinformerAttention(Attention):
         blocks = x[:, :, :n_blocks * self.block].reshape(B, H, n_blocks, self.block, hd)
         return torch.matmul(proj.to(x.dtype), blocks)  # (k, b) @ (B, H, n, b, hd) -> (B, H, n, k, hd)
 
+    def summaries(self, k: torch.Tensor, v: torch.Tensor, n_blocks: int, store: dict | None):
+        """Key and value summaries of the first n_blocks blocks of k, v (B, n_kv, S, hd): (B, n_kv, n, k, hd)
+        each. With `store`, the blocks summarised on earlier calls are reused and only new ones computed."""
+        if store is None:
+            return self.compress(k, self.proj_k, n_blocks), self.compress(v, self.proj_v, n_blocks)
+        held = store.get(self.layer_idx)
+        done = 0 if held is None else held[0].shape[2]
+        if done < n_blocks:
+            start = done * self.block
+            new = (self.compress(k[:, :, start:], self.proj_k, n_blocks - done),
+                   self.compress(v[:, :, start:], self.proj_v, n_blocks - done))
+            held = new if held is None else tuple(torch.cat([h, n], dim=2) for h, n in zip(held, new))
+            store[self.layer_idx] = held
+        return held[0][:, :, :n_blocks], held[1][:, :, :n_blocks]
+
     def context_span(self, j: int) -> tuple[bool, int]:
         """For query block j: whether it sees the running mean of the far past, and the first block it sees
         as its own summary rows (blocks lo..j-1)."""
@@ -163,7 +178,10 @@ class LinformerAttention(Attention):
             k, v = k.to(q.dtype), v.to(q.dtype)
         if past == 0 and mask is None and self.window is not None and T >= (self.window + 2) * self.block:
             return self.o_proj(self.windowed_attention(q, k, v))
-        y = self.blockwise_attention(q, k, v, past, mask)  # (B, n_heads, T, hd)
+        # Decoding keeps the summaries of completed blocks with the cache, so a step compresses only a block
+        # it has just completed (not every block so far).
+        store = cache.derived if cache is not None and not torch.is_grad_enabled() else None
+        y = self.blockwise_attention(q, k, v, past, mask, store)  # (B, n_heads, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def windowed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -212,8 +230,9 @@ class LinformerAttention(Attention):
         return torch.cat(outs, dim=1).flatten(2)  # (B, T, H hd)
 
     def blockwise_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
-                            mask: torch.Tensor | None) -> torch.Tensor:
+                            mask: torch.Tensor | None, store: dict | None = None) -> torch.Tensor:
         # q: (B, n_heads, T, hd) at positions [past, S); k, v: (B, n_kv, S, hd) at positions [0, S).
+        # store: a KV cache's `derived` dict, holding this layer's summaries of the blocks compressed so far.
         T, S, b = q.shape[2], k.shape[2], self.block
         n_sum = (S - 1) // b  # summarise every block before the last query's block
         k_src, v_src = k, v
@@ -228,7 +247,7 @@ class LinformerAttention(Attention):
         q_blocks = q.split([min((j + 1) * b, S) - max(j * b, past) for j in blocks], dim=2)
         raw_sizes = [min((j + 1) * b, S) - j * b for j in blocks]
         k_raw, v_raw = k[:, :, first * b:].split(raw_sizes, dim=2), v[:, :, first * b:].split(raw_sizes, dim=2)
-        sums_k, sums_v = self.compress(k_src, self.proj_k, n_sum), self.compress(v_src, self.proj_v, n_sum)
+        sums_k, sums_v = self.summaries(k_src, v_src, n_sum, store)
         far = self.window is not None and n_sum > self.window
         cum_k, cum_v = (sums_k.cumsum(2), sums_v.cumsum(2)) if far else (None, None)
         if mask is None and T > 1:

@@ -229,10 +229,7 @@ class _Batch:
             self.mask, self.next_ids = self.mask[sel], self.next_ids[sel]
         cut = self.cache.length - max(self.lengths)
         if cut > 0:
-            c = self.cache
-            c.keys = [k[:, :, cut:] for k in c.keys]
-            c.values = [v[:, :, cut:] for v in c.values]
-            c.length, c.max_length = c.length - cut, c.max_length - cut
+            self.cache.drop_columns(cut)
             self.mask = self.mask[:, cut:]
         return self
 

@@ -341,3 +341,23 @@ def test_slm_info_describes_the_linformer_attention(tmp_path):
                        text=True, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert "Linformer: blocks of 4 compressed to 2 rows, window 1 blocks + running mean" in r.stdout
+
+
+def test_decoding_summarises_each_completed_block_once(monkeypatch):
+    model = linformer_model(linformer_window=1)
+    compressed = []
+    real = LinformerAttention.compress
+
+    def spy(self, x, proj, n_blocks):
+        if self.layer_idx == 0 and proj is self.proj_k:
+            compressed.append(n_blocks)
+        return real(self, x, proj, n_blocks)
+
+    monkeypatch.setattr(LinformerAttention, "compress", spy)
+    x = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        cache = model.new_cache(2, 32)
+        model(x[:, :9], cache=cache)  # blocks 0, 1 complete before the last query's block
+        for t in range(9, 30):
+            model(x[:, t:t + 1], cache=cache)
+    assert sum(compressed) == (30 - 1) // 4  # 7 blocks, each compressed once, not once per step

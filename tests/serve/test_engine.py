@@ -300,3 +300,26 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt(model, tokenize
         short.cancel()
     # One decode step of the running row per chunk, instead of none until the whole prompt is in.
     assert chunks >= 8 and marks["first"] - marks["submit"] >= chunks - 1
+
+
+def test_linformer_rows_leaving_the_batch_keep_their_block_summaries(tokenizer):
+    # A Linformer cache carries each row's block summaries; rows of equal length (no padding) that finish at
+    # different steps are dropped from it, and every remaining row must keep its own summaries.
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      attention_type="linformer", linformer_k=2, linformer_block=4, linformer_window=1)
+    model = CausalLM(cfg).eval()
+    prompts = torch.randint(3, cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(4)).tolist()
+    lengths = [20, 7, 13]
+    with Engine(model, tokenizer, max_concurrent=3) as eng:
+        got = collect(eng, [EngineRequest(p, greedy(n)) for p, n in zip(prompts, lengths)])
+        assert eng.prefill_rows == 3 and eng.steps == max(lengths) - 1  # admitted together, one batch
+    for p, n, res in zip(prompts, lengths, got):
+        with torch.no_grad():
+            cache = model.new_cache(1, 32)
+            logits, ids = model(torch.tensor([p]), cache=cache), []
+            for _ in range(n):
+                ids.append(int(logits[0, -1].argmax()))
+                logits = model(torch.tensor([ids[-1:]]), cache=cache)
+        assert res.token_ids == ids
