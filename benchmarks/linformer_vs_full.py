@@ -16,7 +16,12 @@ baseline), linformer = `LinformerAttention` with its default window (training pa
 SDPA call, autograd keeps activations), linformer-recompute = the same with `linformer_recompute` (the block
 scan: keeps x and the block summaries, recomputes each block in backward).
 
-Part 2 — quality: equal-size tiny models (full attention, and Linformer with each of `--quality-windows`)
+Part 2 — decoding: one decode step (batch 1, KV cache) of a 6-layer `small`-width model after prompts of
+`--decode-lengths` tokens: Linformer keeping its block summaries with the cache (the default) against
+Linformer recompressing every completed block at each step (as before summaries were kept) and full
+attention; median step ms, best of two interleaved rounds.
+
+Part 3 — quality: equal-size tiny models (full attention, and Linformer with each of `--quality-windows`)
 trained for `--train-steps` steps with `slmkit.train.pretrain` on the same slice of the default domain;
 validation bits per byte side by side.
 
@@ -186,6 +191,52 @@ def speed_and_memory(args) -> None:
             print(line.rstrip(" |"), flush=True)
 
 
+def decoding(args) -> None:
+    import torch
+
+    from slmkit.model import CausalLM, ModelConfig
+    from slmkit.model.linformer import LinformerAttention
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192,
+                      attention_type="linformer", linformer_k=args.k, linformer_block=args.block,
+                      linformer_window=args.window)
+    models = {"Linformer": CausalLM(cfg).eval(), "full": CausalLM(cfg.replace(attention_type="full")).eval()}
+    keep = LinformerAttention.summaries
+
+    def recompress(self, k, v, n_blocks, store):  # every completed block compressed again at every step
+        return keep(self, k, v, n_blocks, None)
+
+    def step_ms(model, S: int, store: bool, steps: int = 32) -> float:
+        LinformerAttention.summaries = keep if store else recompress
+        try:
+            with torch.no_grad():
+                cache = model.new_cache(1, S + steps)
+                model(torch.randint(0, 8192, (1, S)), cache=cache)
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    model(torch.tensor([[5]]), cache=cache)
+                    times.append(time.perf_counter() - t0)
+        finally:
+            LinformerAttention.summaries = keep
+        return 1000 * statistics.median(times)
+
+    print(f"\ndecoding: one step after S prompt tokens, 6 layers x width 256, batch 1, 1 thread (median step ms, "
+          f"best of 2 rounds)\n{'S':>5} | {'Linformer':>9} | {'re-compressing':>14} | {'full':>6} | {'kept vs re-compressing':>22}")
+    for S in args.decode_lengths:
+        rows: dict[str, list[float]] = {}
+        for _ in range(2):
+            rows.setdefault("kept", []).append(step_ms(models["Linformer"], S, True))
+            rows.setdefault("recompress", []).append(step_ms(models["Linformer"], S, False))
+            rows.setdefault("full", []).append(step_ms(models["full"], S, True))
+        best = {k: min(v) for k, v in rows.items()}
+        print(f"{S:>5} | {best['kept']:>9.2f} | {best['recompress']:>14.2f} | {best['full']:>6.2f} | "
+              f"{best['recompress'] / best['kept']:>21.2f}x", flush=True)
+
+
 def quality(args) -> None:
     import torch
 
@@ -236,6 +287,8 @@ def main() -> None:
                    help="also full attention with SDPA's math kernel (materialised T x T scores)")
     p.add_argument("--math-max", type=int, default=1024, help="longest T for the math kernel (memory)")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--decode-lengths", type=lambda s: [int(t) for t in s.split(",") if t], default=[512, 1536, 3072],
+                   help="prompt lengths for the decoding part ('' skips it)")
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -246,6 +299,8 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
     speed_and_memory(args)
+    if args.decode_lengths:
+        decoding(args)
     if not args.skip_quality:
         quality(args)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")

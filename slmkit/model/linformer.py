@@ -48,12 +48,14 @@ T x T scores, 10.6x / 0.08x and 7.4x / 0.02x.
 Otherwise (decoding, padding masks, no window) the layer runs one `scaled_dot_product_attention` call per
 query block, over the keys [summaries ; raw keys of this block] with a small additive mask for the
 lower-right causal triangle, a view of one (b x (max summaries + b)) mask shared by all blocks: no T x T mask
-is ever built, and SDPA's fused kernels (flash on CPU, GQA via `enable_gqa`) apply. Decoding with a `KVCache` stores raw
-keys/values as usual; each step recomputes the summaries of the completed blocks from the cache (O(S k)
-per layer and step) and attends as above, so cached decoding gives the same logits as a full forward.
-With left-padded batches, padded key rows are zeroed before compression (they still occupy summary slots,
-so a padded row matches its unpadded run only approximately once it spans a complete block); the raw
-in-block part honours the padding mask exactly.
+is ever built, and SDPA's fused kernels (flash on CPU, GQA via `enable_gqa`) apply.
+
+Decoding with a `KVCache` stores raw keys/values as usual and keeps each layer's block summaries with the
+cache (`KVCache.derived`): a step compresses only a block it has just completed, then attends as above, so
+cached decoding gives the same logits as a full forward and, with a window, costs O((W + 1) k + b)
+attention per token. With left-padded batches, padded key rows are zeroed before compression (they still
+occupy summary slots, so a padded row matches its unpadded run only approximately once it spans a complete
+block); the raw in-block part honours the padding mask exactly.
 
 E and F start as mean pooling over k contiguous segments of the block, so a fresh model's summaries are
 local averages of keys and values (a sensible start; the paper's fixed-projection ablations show simple
