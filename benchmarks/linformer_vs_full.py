@@ -287,8 +287,8 @@ def main() -> None:
                    help="also full attention with SDPA's math kernel (materialised T x T scores)")
     p.add_argument("--math-max", type=int, default=1024, help="longest T for the math kernel (memory)")
     p.add_argument("--skip-quality", action="store_true")
-    p.add_argument("--decode-lengths", type=lambda s: [int(t) for t in s.split(",") if t], default=[512, 1536, 3072],
-                   help="prompt lengths for the decoding part ('' skips it)")
+    p.add_argument("--decode-lengths", type=lambda s: [int(t) for t in s.split(",") if t],
+                   default=[512, 1536, 3072], help="prompt lengths for the decoding part ('' skips it)")
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)

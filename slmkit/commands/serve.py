@@ -102,5 +102,6 @@ def serve(
     from ..serve.server import serve as run_server
 
     run_server(ckpt, host=host, port=port, api_key=api_key, max_concurrent=max_concurrent, max_waiting=max_queue,
-               prefill_chunk=prefill_chunk or None, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
-               log_requests=log_requests, dtype=dtype, device=device, model_name=model_name)
+               prefill_chunk=prefill_chunk or None, max_body_bytes=max_body_bytes,
+               max_prompt_tokens=max_prompt_tokens, max_n=max_n, log_requests=log_requests, dtype=dtype,
+               device=device, model_name=model_name)

@@ -421,8 +421,8 @@ class BackgroundServer:
 
 def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrent: int = 8, max_waiting: int = 64, prefill_chunk: int | None = 256,
-          max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_n: int = 8, log_requests: bool = False,
-          dtype: str = "auto", device: str = "auto", model_name: str | None = None) -> None:
+          max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_n: int = 8,
+          log_requests: bool = False, dtype: str = "auto", device: str = "auto", model_name: str | None = None) -> None:
     """Load `checkpoint` and serve it until interrupted (the body of `slm serve`)."""
     from pathlib import Path
 
