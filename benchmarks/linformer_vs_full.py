@@ -225,7 +225,8 @@ def decoding(args) -> None:
         return 1000 * statistics.median(times)
 
     print(f"\ndecoding: one step after S prompt tokens, 6 layers x width 256, batch 1, 1 thread (median step ms, "
-          f"best of 2 rounds)\n{'S':>5} | {'Linformer':>9} | {'re-compressing':>14} | {'full':>6} | {'kept vs re-compressing':>22}")
+          f"best of 2 rounds)\n{'S':>5} | {'Linformer':>9} | {'re-compressing':>14} | {'full':>6} | "
+          f"{'kept vs re-compressing':>22}")
     for S in args.decode_lengths:
         rows: dict[str, list[float]] = {}
         for _ in range(2):
