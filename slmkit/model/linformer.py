@@ -41,9 +41,9 @@ recomputing each block's forward and back-propagating through it, and carries th
 the earlier blocks they came from. No T-sized activation inside the layer is stored: its training memory is
 its input, output, their gradients and O(T k / b). This is the chunked form linear-attention kernels use; the
 price is a second forward pass, block by block. benchmarks/linformer_vs_full.py (one layer, width 256, k=16,
-b=128, W=4, T=4096, CPU): the batched path is 3.1x faster than flash SDPA with 1.6x its live memory; the scan
-is 2.2x faster with 0.44x its live memory (0.22x its RSS growth); against attention that materialises the
-T x T scores, 10.6x / 0.08x and 7.4x / 0.02x.
+b=128, W=4, T=4096, CPU): the batched path is 3.1-3.5x faster than flash SDPA with 1.4x its live memory; the
+scan is 1.9-2.2x faster with 0.40x its live memory (0.22x its RSS growth); against attention that
+materialises the T x T scores, 10.4x / 0.07x and 6.3x / 0.02x.
 
 Otherwise (decoding, padding masks, no window) the layer runs one `scaled_dot_product_attention` call per
 query block, over the keys [summaries ; raw keys of this block] with a small additive mask for the
@@ -204,7 +204,11 @@ class LinformerAttention(Attention):
         for name, x, proj in (("k", k, self.proj_k), ("v", v, self.proj_v)):
             full, x_tail = x.split([n_full * b, tail], dim=2)
             blocks = full.unflatten(2, (n_full, b))  # (B, Hkv, n_full, b, hd), a view
-            sums = torch.matmul(proj.to(x.dtype), blocks)  # (B, Hkv, n_full, kr, hd); the last one unused
+            # Summaries (B, Hkv, n_full, kr, hd), the last one unused. Keys and values come from the projections
+            # laid out (B, T, Hkv, hd): one (kr, b) @ (b, Hkv hd) product per block covers every head at once.
+            rows = full.transpose(1, 2).reshape(B * n_full, b, Hkv * hd)
+            sums = torch.bmm(proj.to(x.dtype).expand(B * n_full, kr, b), rows)  # (B n_full, kr, Hkv hd)
+            sums = sums.view(B, n_full, kr, Hkv, hd).permute(0, 3, 1, 2, 4)
             cum = sums.cumsum(2)
             early, late = blocks.split([W + 1, m], dim=2)
             counts = torch.arange(1, m + 1, device=x.device, dtype=cum.dtype)[:, None, None]
@@ -339,11 +343,12 @@ class _BlockScan(torch.autograd.Function):
         n_blocks, n_sum = -(-T // b), (T - 1) // b
         sums = (sums_k, sums_v)
         cums = tuple(t.cumsum(2) for t in sums) if W is not None and n_sum > W else (None, None)
-        # fp32 gradients of each block's summaries; `pend[m]` holds the far-past means' share for blocks 0..m,
-        # handed down through the running sum `run` as the scan reaches them.
-        g_sums = [torch.zeros_like(t, dtype=torch.float32) for t in sums]
-        pend = [torch.zeros_like(g) for g in g_sums]
-        run = [g[:, :, 0].clone() for g in pend]
+        # fp32 gradients of block summaries, per side (keys, values), held only for the blocks still ahead
+        # of the scan that later blocks have seen (at most W + 1 at a time): `g_sums[j]` for block j, and
+        # `pend[m]` the far-past means' share for blocks 0..m, handed down through the running sum `run`.
+        g_sums: tuple[dict, dict] = ({}, {})
+        pend: tuple[dict, dict] = ({}, {})
+        run: list[torch.Tensor | None] = [None, None]
         need_x = ctx.needs_input_grad[1]
         dx = torch.empty_like(x) if need_x else None
         dparams: list[torch.Tensor | None] = [None] * len(params)
@@ -353,9 +358,12 @@ class _BlockScan(torch.autograd.Function):
             summarise = i < n_sum
             far, lo = layer.context_span(i)
             if summarise and cums[0] is not None:
-                for g, r, pd in zip(g_sums, run, pend):
-                    r += pd[:, :, i]
-                    g[:, :, i] += r
+                for side in (0, 1):
+                    share = pend[side].pop(i, None)
+                    if share is not None:
+                        run[side] = share if run[side] is None else run[side] + share
+                    if run[side] is not None:
+                        _accumulate(g_sums[side], i, run[side])
             with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 xb = x[:, s:e].detach().requires_grad_(need_x)
                 # The rows this block sees from earlier blocks, as leaves: [far-past mean], [window summaries].
@@ -367,7 +375,7 @@ class _BlockScan(torch.autograd.Function):
                 outs, grads = [yb], [gy[:, s:e]]
                 if summarise:
                     outs += [sk, sv]
-                    grads += [g_sums[0][:, :, i].to(sk.dtype), g_sums[1][:, :, i].to(sv.dtype)]
+                    grads += [g_sums[side].pop(i, torch.zeros_like(t)).to(t.dtype) for side, t in enumerate((sk, sv))]
                 inputs = ([xb] if need_x else []) + leaves[0] + leaves[1] + params
                 got = list(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
             if need_x:
@@ -378,11 +386,18 @@ class _BlockScan(torch.autograd.Function):
                     if g is None:
                         continue
                     if leaf.dim() == 5:  # the window: summaries of blocks lo..i-1
-                        g_sum[:, :, lo:i] += g
+                        for j in range(lo, i):
+                            _accumulate(g_sum, j, g[:, :, j - lo])
                     else:  # the mean of blocks 0..n-1 (n = i - W): 1/n of its gradient to each
-                        pd[:, :, i - W - 1] += g / (i - W)
+                        _accumulate(pd, i - W - 1, g / (i - W))
             for n, g in enumerate(got):
                 if g is not None:
                     dparams[n] = g.float() if dparams[n] is None else dparams[n].add_(g)
         return (None, dx, None, None,
                 *(None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)))
+
+
+def _accumulate(grads: dict, index: int, g: torch.Tensor) -> None:
+    """grads[index] += g, in fp32, creating the entry on first use."""
+    held = grads.get(index)
+    grads[index] = g.float().clone() if held is None else held.add_(g)
