@@ -95,10 +95,15 @@ class LinformerAttention(Attention):
     # -- shared pieces -------------------------------------------------------------------------------
 
     def compress(self, x: torch.Tensor, proj: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        # x: (B, n_kv, S, hd) -> summaries of the first n_blocks complete blocks: (B, n_kv, n_blocks, k, hd)
-        B, H, _, hd = x.shape
-        blocks = x[:, :, :n_blocks * self.block].reshape(B, H, n_blocks, self.block, hd)
-        return torch.matmul(proj.to(x.dtype), blocks)  # (k, b) @ (B, H, n, b, hd) -> (B, H, n, k, hd)
+        # x: (B, n_kv, S, hd) -> summaries of the first n_blocks complete blocks: (B, n_kv, n_blocks, k, hd).
+        # Keys and values come from the projections laid out (B, S, n_kv, hd): one (k, b) @ (b, n_kv hd) product
+        # per block covers every head at once, without a transposed copy.
+        B, H, S, hd = x.shape
+        if S != n_blocks * self.block:  # (a whole-tensor x is used as is: no slice, no zero-filled gradient)
+            x = x[:, :, :n_blocks * self.block]
+        rows = x.transpose(1, 2).reshape(B * n_blocks, self.block, H * hd)
+        sums = torch.bmm(proj.to(x.dtype).expand(B * n_blocks, *proj.shape), rows)  # (B n, k, H hd)
+        return sums.view(B, n_blocks, proj.shape[0], H, hd).permute(0, 3, 1, 2, 4)
 
     def summaries(self, k: torch.Tensor, v: torch.Tensor, n_blocks: int, store: dict | None):
         """Key and value summaries of the first n_blocks blocks of k, v (B, n_kv, S, hd): (B, n_kv, n, k, hd)
@@ -204,11 +209,7 @@ class LinformerAttention(Attention):
         for name, x, proj in (("k", k, self.proj_k), ("v", v, self.proj_v)):
             full, x_tail = x.split([n_full * b, tail], dim=2)
             blocks = full.unflatten(2, (n_full, b))  # (B, Hkv, n_full, b, hd), a view
-            # Summaries (B, Hkv, n_full, kr, hd), the last one unused. Keys and values come from the projections
-            # laid out (B, T, Hkv, hd): one (kr, b) @ (b, Hkv hd) product per block covers every head at once.
-            rows = full.transpose(1, 2).reshape(B * n_full, b, Hkv * hd)
-            sums = torch.bmm(proj.to(x.dtype).expand(B * n_full, kr, b), rows)  # (B n_full, kr, Hkv hd)
-            sums = sums.view(B, n_full, kr, Hkv, hd).permute(0, 3, 1, 2, 4)
+            sums = self.compress(full, proj, n_full)  # (B, Hkv, n_full, kr, hd); the last one unused
             cum = sums.cumsum(2)
             early, late = blocks.split([W + 1, m], dim=2)
             counts = torch.arange(1, m + 1, device=x.device, dtype=cum.dtype)[:, None, None]
