@@ -117,15 +117,16 @@ Event = Delta | Finished | Failed
 
 
 class RequestHandle:
-    """Returned by `Engine.submit`; `cancel()` frees the request's slot at the next scheduler step."""
+    """Returned by `Engine.submit`; `cancel()` frees the request's slot at the next scheduler step, and a
+    request still waiting leaves the queue at once (it no longer counts against `max_waiting`)."""
 
     def __init__(self, engine: "Engine"):
         self._engine = engine
+        self._row: "_Row | None" = None
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
-        self._engine._wake()
+        self._engine._cancel(self)
 
 
 # -- one running sequence ----------------------------------------------------------------------------
@@ -148,6 +149,8 @@ class _Row:
             self.seen[request.prompt_ids] = True
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.ended = False  # Finished or Failed was sent: a listener gets exactly one of them
+        handle._row = self
 
     def _collect(self, _index: int, text: str) -> None:
         self._pending += text
@@ -157,6 +160,9 @@ class _Row:
         return self.params.max_new_tokens - len(self.output.ids)
 
     def emit(self, event: Event) -> None:
+        if self.ended:
+            return
+        self.ended = isinstance(event, (Finished, Failed))
         try:
             self.on_event(event)
         except Exception:  # a listener that went away (closed event loop) only loses its own request
@@ -397,10 +403,6 @@ class Engine:
                 return ev
         raise EngineClosed("the engine stopped before the request finished")
 
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
     # -- the scheduler thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -419,25 +421,53 @@ class Engine:
                         if not row.handle.cancelled:
                             newcomers.append(row)
                     self._running += len(newcomers)
-                try:
-                    if newcomers:
+                # A failing forward (or sampling) fails the rows whose work it was, not the server and not the
+                # other rows: the prefill's newcomers and the running batch are separate pieces of work.
+                if newcomers:
+                    try:
                         self._prefill = self._admit(newcomers)
-                    p = self._prefill
-                    if p is not None and all(r.handle.cancelled for r in p.rows):
-                        self._prefill = None  # nobody waits for it any more
-                    elif p is not None and self._prefill_step(p):
+                    except Exception as e:
+                        self._fail(newcomers, e)
+                p = self._prefill
+                if p is not None and all(r.handle.cancelled for r in p.rows):
+                    self._prefill = None  # nobody waits for it any more
+                elif p is not None:
+                    try:
+                        if self._prefill_step(p):
+                            self._prefill = None
+                            self._finish_prefill(p)
+                    except Exception as e:
+                        # Its rows may already be out of `_prefill` (the last chunk ran, sampling or the merge
+                        # failed): fail them from `p`, whichever iteration admitted them.
                         self._prefill = None
-                        self._finish_prefill(p)
-                    if self._batch is not None:
+                        self._fail(p.rows, e)
+                if self._batch is not None:
+                    try:
                         self._step()
-                except Exception as e:  # a failing forward fails its requests, not the server
-                    log.exception("generation step failed")
-                    rows = (self._batch.rows if self._batch else []) + (self._prefill.rows if self._prefill else [])
-                    for row in {id(r): r for r in rows + newcomers}.values():
-                        row.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                    self._batch = self._prefill = None
+                    except Exception as e:  # one forward for the whole batch: every running row failed
+                        rows, self._batch = self._batch.rows, None
+                        self._fail(rows, e)
                 self._set_running()
         self._shutdown()
+
+    @staticmethod
+    def _fail(rows: list[_Row], e: Exception) -> None:
+        log.error("generation failed for %d sequence(s)", len(rows), exc_info=e)
+        for row in rows:
+            row.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cond:
+            handle.cancelled = True
+            row = handle._row
+            # A request still waiting leaves the queue now: it must not hold a place against `max_waiting`
+            # (spurious 503s) until a slot frees up for it.
+            if row is not None and not row.ended:
+                try:
+                    self._waiting.remove(row)
+                except ValueError:
+                    pass  # already admitted: the scheduler drops it at its next step
+            self._cond.notify_all()
 
     def _set_running(self) -> None:
         with self._cond:
@@ -534,8 +564,16 @@ class Engine:
         self._batch = self._sample_and_push(batch, logits[:, -1].float())
 
     def _sample_and_push(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
-        """logits: (B, V) for the batch's rows. Samples, sends events, drops finished and cancelled rows."""
+        """logits: (B, V) for the batch's rows. Samples, sends events, drops finished, failed and cancelled
+        rows. A row whose logits are not finite (NaN, +inf, or all -inf: an overflow in the model, a broken
+        quantized kernel) fails with its own error instead of sampling garbage (argmax of NaN) or raising in
+        `multinomial` for the whole batch."""
         rows = batch.rows
+        top = logits.amax(dim=-1)  # (B,) NaN if any logit is NaN
+        broken = top.isnan() | top.isinf()  # (B,)
+        broken_rows = broken.tolist()
+        if any(broken_rows):
+            logits = logits.masked_fill(broken[:, None], 0.0)  # sampled but never used: keeps the others' draw valid
         tokens = self._sample(rows, logits)  # (B,)
         batch.next_ids = tokens
         ids = tokens.tolist()
@@ -552,6 +590,10 @@ class Engine:
         keep = []
         for i, row in enumerate(rows):
             if row.handle.cancelled:
+                continue
+            if broken_rows[i]:
+                row.emit(Failed("generation failed: the model produced non-finite logits (NaN or inf) for this "
+                                "sequence; the checkpoint or its dtype (fp16 overflow?) is likely at fault"))
                 continue
             if not row.push(ids[i], lps[i], now) and not row.handle.cancelled:
                 keep.append(i)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slmkit.model import CausalLM, ModelConfig
-from slmkit.serve.engine import Delta, Engine, EngineBusy, EngineRequest, Finished
+from slmkit.serve.engine import Delta, Engine, EngineBusy, EngineRequest, Failed, Finished
 from slmkit.serve.generate import SamplingParams, generate
 
 CORPUS = [
@@ -69,6 +69,17 @@ def wait_idle(engine: Engine, timeout: float = 10.0) -> dict:
             return stats
         time.sleep(0.01)
     raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+def until_done(events: queue.SimpleQueue, timeout: float = 20.0) -> list:
+    """A request's events up to its Finished or Failed; fails the test if that never comes."""
+    seen, deadline = [], time.monotonic() + timeout
+    while not seen or not isinstance(seen[-1], (Finished, Failed)):
+        try:
+            seen.append(events.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"no Finished or Failed within {timeout} s after {len(seen)} events") from None
+    return seen
 
 
 def test_rows_joining_mid_decode_equal_each_prompt_alone(engine, model, tokenizer):
@@ -182,12 +193,30 @@ def test_cancel_frees_the_slot(model, tokenizer):
         assert not any(isinstance(e, Finished) for e in seen) and len(seen) < 100
 
 
-def test_leaving_a_stream_early_cancels_it(engine):
-    stream = engine.stream(EngineRequest(engine.encode("x"), greedy(100)))
-    next(stream)
-    stream.close()  # the generator's cleanup cancels the request
-    wait_idle(engine)
-    assert engine.steps < 100
+def test_leaving_a_stream_early_stops_its_decoding(model, tokenizer):
+    with Engine(model, tokenizer, max_concurrent=1) as eng:
+        stream = eng.stream(EngineRequest(eng.encode("x"), greedy(120)))
+        next(stream), next(stream)  # decoding has begun
+        stream.close()  # the generator's cleanup cancels the request
+        at_close = eng.steps
+        wait_idle(eng)
+        # The step under way when it was cancelled may end; uncancelled, it would run ~115 more.
+        assert eng.steps - at_close <= 2, f"{eng.steps - at_close} decode steps after the cancel"
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):
+    with Engine(model, tokenizer, max_concurrent=1, max_waiting=1) as eng:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        running = eng.submit(EngineRequest(eng.encode("x"), greedy(120)), events.put)
+        assert isinstance(events.get(timeout=10), Delta)  # holds the only slot
+        waiting = eng.submit(EngineRequest(eng.encode("The quick"), greedy(5)), lambda ev: None)
+        assert eng.stats()["waiting"] == 1
+        waiting.cancel()
+        assert eng.stats()["waiting"] == 0  # not when a slot frees up for it
+        third: queue.SimpleQueue = queue.SimpleQueue()
+        eng.submit(EngineRequest(eng.encode("y"), greedy(3)), third.put)  # the queue has room: no EngineBusy
+        running.cancel()
+        assert isinstance(until_done(third)[-1], Finished)
 
 
 @pytest.mark.parametrize("ids, n, match", [([], 1, "no tokens"), ([1, 10**6], 1, "outside the vocabulary"),
@@ -323,3 +352,84 @@ def test_linformer_rows_leaving_the_batch_keep_their_block_summaries(tokenizer):
                 ids.append(int(logits[0, -1].argmax()))
                 logits = model(torch.tensor([ids[-1:]]), cache=cache)
         assert res.token_ids == ids
+
+
+# -- faults: a failing forward fails exactly the rows whose work it was -------------------------------
+
+class FaultyForward:
+    """The real model with one injected fault: on the `nth` prefill chunk (input of several columns) or
+    decode step (one column) after `arm`, the forward raises, or returns NaN logits for the rows `rows`."""
+
+    def __init__(self, model):
+        self.model, self.rule, self.count = model, None, 0
+        self.fired = threading.Event()
+
+    def __getattr__(self, name):  # config, parameters(), new_cache(...): the real model's
+        return getattr(self.model, name)
+
+    def arm(self, *, prefill: bool, nth: int, effect: str, rows: list[int] | None = None) -> None:
+        self.count, self.rule = 0, (prefill, nth, effect, rows)
+
+    def __call__(self, input_ids, **kw):
+        logits = self.model(input_ids, **kw)
+        if self.rule is not None:
+            prefill, nth, effect, rows = self.rule
+            if (input_ids.shape[1] > 1) == prefill:
+                self.count += 1
+                if self.count == nth:
+                    self.rule = None
+                    self.fired.set()
+                    if effect == "raise":
+                        raise RuntimeError("injected forward failure")
+                    logits = logits.clone()
+                    logits[rows if rows is not None else slice(None)] = float("nan")
+        return logits
+
+
+@pytest.mark.parametrize("effect", ["raise", "nan"])
+def test_a_failed_chunked_prefill_fails_its_rows_and_the_running_stream_goes_on(model, tokenizer, effect):
+    # A prompt admitted while another stream runs is prefilled over several iterations; its second chunk's
+    # forward raises, or its last chunk's logits are NaN (sampled at temperature 1: multinomial would raise
+    # after the prefill left the scheduler's hands).
+    ref = generate(model, tokenizer, PROMPTS[1], greedy(60))[0].token_ids
+    faulty = FaultyForward(model)
+    with Engine(faulty, tokenizer, max_concurrent=2, prefill_chunk=4) as eng:
+        long_ids = eng.encode(" ".join([PROMPTS[2]] * 2))
+        chunks = -(-len(long_ids) // 4)
+        assert chunks >= 3 and len(long_ids) % 4 != 1  # every chunk has several columns
+        running: queue.SimpleQueue = queue.SimpleQueue()
+        eng.submit(EngineRequest(eng.encode(PROMPTS[1]), greedy(60)), running.put)
+        first = running.get(timeout=10)
+        assert isinstance(first, Delta)
+        faulty.arm(prefill=True, nth=2 if effect == "raise" else chunks, effect=effect)
+        failing: queue.SimpleQueue = queue.SimpleQueue()
+        eng.submit(EngineRequest(long_ids, SamplingParams(max_new_tokens=5, temperature=1.0, stop_token_ids=[])),
+                   failing.put)
+        out = until_done(failing)
+        assert faulty.fired.is_set()
+        assert isinstance(out[-1], Failed) and len(out) == 1, out
+        assert ("injected forward failure" if effect == "raise" else "non-finite logits") in out[-1].message
+        rest = until_done(running)
+        assert isinstance(rest[-1], Finished), rest[-1]
+        assert first.token_ids + [t for ev in rest[:-1] for t in ev.token_ids] == rest[-1].token_ids == ref
+        wait_idle(eng)
+        assert eng.run(EngineRequest(long_ids, greedy(3))).completion_tokens == 3  # and it serves on
+
+
+def test_nan_logits_in_a_decode_step_fail_only_that_row(model, tokenizer):
+    ref = generate(model, tokenizer, PROMPTS[1], greedy(60))[0].token_ids
+    faulty = FaultyForward(model)
+    with Engine(faulty, tokenizer, max_concurrent=2) as eng:
+        a: queue.SimpleQueue = queue.SimpleQueue()
+        b: queue.SimpleQueue = queue.SimpleQueue()
+        eng.submit(EngineRequest(eng.encode(PROMPTS[1]), greedy(60)), a.put)
+        assert isinstance(a.get(timeout=10), Delta)
+        eng.submit(EngineRequest(eng.encode(PROMPTS[0]), greedy(40)), b.put)
+        assert isinstance(b.get(timeout=10), Delta)  # b joins as row 1 of the batch
+        faulty.arm(prefill=False, nth=1, effect="nan", rows=[1])
+        got_b = until_done(b)
+        assert isinstance(got_b[-1], Failed) and "non-finite logits" in got_b[-1].message, got_b[-1]
+        assert all(isinstance(ev, Delta) for ev in got_b[:-1])
+        got_a = until_done(a)
+        assert isinstance(got_a[-1], Finished) and got_a[-1].token_ids == ref
+        wait_idle(eng)
