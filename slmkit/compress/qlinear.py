@@ -144,6 +144,33 @@ def _dynamic_ops():
 
 
 _PREPACK, _LINEAR_DYNAMIC = _dynamic_ops()
+
+
+def cpu_capability() -> str:
+    """The kernel level torch dispatches to in this process: `DEFAULT`, `AVX2`, `AVX512` (x86), or another
+    architecture's name. `ATEN_CPU_CAPABILITY` lowers it; it is fixed for the life of the process."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # very old builds: assume the generic kernels
+        return "DEFAULT"
+
+
+CPU_CAPABILITY = cpu_capability()
+
+
+def int8_kernel_safe(capability: str, rows: int, dtype: torch.dtype) -> bool:
+    """Whether `aten._weight_int8pack_mm` may be called for `rows` input rows of `dtype` at kernel level
+    `capability` (`cpu_capability()`).
+
+    Why: torch 2.13's AVX-512 int8 weight-only kernel segfaults for reduced-precision (bf16) inputs of two or more
+    rows. Reproduced for input widths that are not multiples of 16 (K = 8, 24, 40, ..., 520, 1400; rows 2-16), but
+    the kernel tests also crashed at K = 64 on such a machine, so the width is not trusted to make it safe. fp32
+    inputs and single rows were fine at every width, and the AVX2 and generic kernels are fine everywhere. So on
+    AVX-512 several reduced-precision rows run the same kernel in fp32 (exact; see `_QuantizedLinear.forward`): a
+    kernel that misbehaves may cost speed, never the process."""
+    if not capability.upper().startswith("AVX512"):
+        return True
+    return rows <= 1 or dtype is torch.float32
 _DYNAMIC_ENGINES = ("x86", "fbgemm")  # engines whose dynamic linear is fbgemm's (qnnpack's differs)
 _DYNAMIC = "dynamic"  # the kernel-cache key of the fbgemm weight object (compared by identity)
 
@@ -195,6 +222,11 @@ class _QuantizedLinear(nn.Module):
 
     def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
         raise NotImplementedError
+
+    def _kernel_safe(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether the packed kernel is known not to fault for `rows` inputs in `dtype` on this CPU (when not,
+        the kernel runs in fp32, which is safe everywhere)."""
+        return True
 
     def _cached(self, slot: str, key, make):
         """`make()` cached in attribute `slot` under `key`, valid while the source buffers are the same tensors
@@ -255,6 +287,8 @@ class _QuantizedLinear(nn.Module):
                 and x.dtype in _KERNEL_INPUT_DTYPES and not (x.requires_grad and torch.is_grad_enabled())):
             dtype = self.kernel_dtype if x.dtype is torch.float32 and self.kernel_dtype is not None else x.dtype
             x2 = x.reshape(-1, self.in_features)
+            if not self._kernel_safe(x2.shape[0], dtype):
+                dtype = torch.float32
             try:
                 packed_fn = lambda: self._matmul(x2.to(dtype), self._kernel_tensors(dtype))  # noqa: E731 (rows, out)
                 if self._small_input_choice(x, packed_fn) == "dense":
@@ -341,6 +375,9 @@ class Int8Linear(_QuantizedLinear):
 
     def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
         return _INT8_MM(x2, *derived)
+
+    def _kernel_safe(self, rows: int, dtype: torch.dtype) -> bool:
+        return int8_kernel_safe(CPU_CAPABILITY, rows, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kernel == "dynamic" and self._dynamic_ok and x.is_cpu and x.dtype in _KERNEL_INPUT_DTYPES
