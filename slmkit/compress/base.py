@@ -108,7 +108,7 @@ def _load_builtin_passes() -> None:
     """Import the modules that register the built-in passes (each registers on import)."""
     import importlib
 
-    for mod in ("prune", "quantize", "gptq", "lowrank", "structured"):
+    for mod in ("prune", "quantize", "gptq", "lowrank", "structured", "vocab"):
         try:
             importlib.import_module(f"slmkit.compress.{mod}")
         except ModuleNotFoundError as e:

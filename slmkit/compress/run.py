@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .base import (PassError, Calibration, calibration_from_dataset, config_to_dict, count_parameters, get_pass,
                    make_config, state_bytes)
+from .vocab import follow_vocab_trim, kept_ids_of
 
 
 @dataclass
@@ -131,12 +133,18 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
     if progress:
         progress(rows[-1])
     records = []
+    tokenizer_dir = ck.path if ck.tokenizer_path else None
     for spec, cfg in zip(specs, configs):
         p = get_pass(spec.name)
         t0 = time.perf_counter()
         model, report = p.apply(model, cfg, calib if p.needs_calibration else None)
         seconds = time.perf_counter() - t0
         model.eval()
+        kept = kept_ids_of(report)
+        if kept is not None:  # new token ids: the tokenizer, held-out ids and later calibration follow them
+            scratch = tempfile.TemporaryDirectory(prefix="slm-vocab-")  # removed when compress() returns
+            tokenizer_dir, val, lengths, calib = follow_vocab_trim(kept, tokenizer_dir or ds.path, scratch.name,
+                                                                   val=val, lengths=lengths, calib=calib)
         row = {"pass": spec.name, **measure(model, evaluate, speed=speed), "seconds": seconds}
         rows.append(row)
         records.append({"name": spec.name, "config": config_to_dict(cfg),
@@ -152,7 +160,7 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
                          "bytes": f"{rows[0]['bytes']:,} -> {rows[-1]['bytes']:,}"},
              "metrics": {k: rows[-1][k] for k in ("bits_per_byte", "decode_tok_s") if k in rows[-1]}}
     prov["stages"] = [*prov.get("stages", []), stage]
-    save_checkpoint(model, out, tokenizer_from=ck.path if ck.tokenizer_path else None, provenance=prov)
+    save_checkpoint(model, out, tokenizer_from=tokenizer_dir, provenance=prov)
     return rows
 
 
