@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,7 +25,8 @@ from rich.console import Console
 
 from .config import TrainConfig, TrainConfigError
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
-from .optim import build_optimizer, lr_at
+from .interrupts import StepBoundaryInterrupts, TrainingInterrupted
+from .optim import build_optimizer, in_warmup, lr_at
 from .state import find_train_state, load_train_state, save_train_state
 
 console = Console(stderr=True)
@@ -109,6 +113,7 @@ class Trainer:
             self.forward_model = DDP(self.forward_model,
                                      device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step, self.total_steps, self.tokens_seen = 0, cfg.steps, 0
+        self.lr_anchor: tuple[int, float] | None = None  # set when a resume changes the total (see lr_at)
         self.history: list[dict] = []
         self.evals: list[dict] = []
 
@@ -116,6 +121,7 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
+                "lr_anchor": list(self.lr_anchor) if self.lr_anchor else None,
                 "config": self.cfg.to_dict(), "world_size": self.dist.world_size, "evals": self.evals}
 
     def save_state(self) -> None:
@@ -136,22 +142,61 @@ class Trainer:
                 raise TrainConfigError(f"{state_dir}: cannot resume with {key}={getattr(self.cfg, key)!r}; "
                                        f"the run was started with {saved_cfg.get(key)!r}")
         self.step, self.total_steps = st["step"], st["total_steps"]
+        self.lr_anchor = tuple(st["lr_anchor"]) if st.get("lr_anchor") else None
         self.tokens_seen, self.evals = st.get("tokens_seen", 0), st.get("evals", [])
         if self.dist.is_main:
             self._truncate_log(self.step)
         if not self.quiet:
             console.print(f"[bold]resuming[/] from {state_dir} at step {self.step}/{self.total_steps}")
+        # With a time budget the total was measured, not asked for; otherwise cfg.steps is this run's request.
+        if not self.cfg.time_budget_s and self.cfg.steps != self.total_steps:
+            self._change_total_steps(self.cfg.steps, state_dir)
         return True
+
+    def _change_total_steps(self, steps: int, state_dir: Path) -> None:
+        """Honour a new total on resume. The learning rate continues from the value it has now and follows
+        the same cosine down to the floor at the new total (see `lr_at`'s anchor); warmup is unaffected."""
+        if steps < self.step:
+            raise TrainConfigError(f"{state_dir}: cannot resume with steps={steps}: the run is already at step "
+                                   f"{self.step} (of {self.total_steps}); pass a total of at least {self.step}, "
+                                   f"or use the model in {state_dir} as it is")
+        if not in_warmup(self.step, self.total_steps, self.cfg):
+            self.lr_anchor = (self.step, lr_at(self.step, self.total_steps, self.cfg, self.lr_anchor))
+        if not self.quiet:
+            console.print(f"[bold]steps[/] {self.total_steps} -> {steps}: the learning rate continues from "
+                          f"{lr_at(self.step, steps, self.cfg, self.lr_anchor):.2e} and decays to its floor "
+                          f"at step {steps}")
+        self.total_steps = steps
 
     def _log_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
     def _truncate_log(self, step: int) -> None:
+        """Drop records past the resumed step. A line that does not parse (typically the last one, torn by a
+        crash mid-write) is dropped with a warning: the log is a record of the run, not its state, so it
+        must never stop a resume."""
         path = self._log_path()
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep, torn = [], []
+        for lineno, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if not ln.strip():
+                continue
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:
+                torn.append(lineno)
+                continue
+            if not isinstance(record, dict):
+                torn.append(lineno)
+            elif record.get("step", 0) <= step:
+                keep.append(ln)
+        if torn:
+            warnings.warn(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
+                          "a crash mid-write leaves a partial last line); resuming", RuntimeWarning, stacklevel=2)
+        tmp = path.with_name(path.name + ".tmp")  # a crash while rewriting keeps the old log
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        os.replace(tmp, path)
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -170,7 +215,7 @@ class Trainer:
         return loss.detach(), metrics
 
     def _train_step(self) -> dict:
-        lr = lr_at(self.step, self.total_steps, self.cfg)
+        lr = lr_at(self.step, self.total_steps, self.cfg, self.lr_anchor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         per_rank = self.micro * self.accum
@@ -204,6 +249,11 @@ class Trainer:
         return {**{k: torch.stack(v).mean().item() for k, v in extras.items()},
                 "step": self.step, "loss": loss.item(), "lr": lr, "tokens": tokens,
                 "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    def _announce_deferred_stop(self, signum: int) -> None:
+        if not self.quiet:
+            console.print(f"[yellow]{signal.Signals(signum).name}: stopping after the current step and saving; "
+                          "send it again to stop at once without saving this step[/]")
 
     def _run_eval(self) -> dict | None:
         record = None
@@ -261,11 +311,13 @@ class Trainer:
         t_first = None
         last = None
         progress = _Progress(self.total_steps, self.step, quiet=self.quiet)
+        interrupts = StepBoundaryInterrupts(on_deferred=self._announce_deferred_stop)
         try:
-            with progress:
+            with progress, interrupts:
                 while self.step < self.total_steps:
                     t0 = time.perf_counter()
-                    last = self._train_step()
+                    with interrupts.step():
+                        last = self._train_step()
                     dt = time.perf_counter() - t0
                     if t_first is None:
                         t_first = time.perf_counter()
@@ -284,6 +336,9 @@ class Trainer:
                     if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                         self._log(last)
                     progress.update(self.step, last, (self.tokens_seen - done_tokens_at_start) / elapsed)
+                    signum = interrupts.stop_requested(self.dist, self.device)
+                    if signum is not None:
+                        raise TrainingInterrupted(signum, self.step)
                     if not math.isfinite(last["loss"]):
                         raise FloatingPointError(f"loss became {last['loss']} at step {self.step}; "
                                                  "lower --lr or use --precision fp32")
@@ -294,6 +349,11 @@ class Trainer:
                     if self.on_step_end is not None:
                         self.on_step_end(self.step, last)
         except KeyboardInterrupt:
+            if interrupts.torn:  # stopped inside a step: weights and counters may disagree, keep the last save
+                if not self.quiet:
+                    console.print(f"[yellow]interrupted inside step {self.step + 1}; not saving it "
+                                  f"(the last saved state in {self.out} is kept)[/]")
+                raise
             if self.step > 0:
                 if not self.quiet:
                     console.print(f"[yellow]interrupted at step {self.step}; saving resumable state[/]")

@@ -24,11 +24,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at total_steps."""
+def lr_at(step: int, total_steps: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at total_steps.
+
+    `anchor = (step0, lr0)` is set when a resumed run changes its total: from step0 on, the rate decays by
+    the same cosine from lr0 (the rate step0 had under the old total) to the floor at the new total. A
+    plain recompute would jump the rate (up when extending, down when shortening) at the resume point;
+    this keeps it continuous and still ends exactly at the floor.
+    """
+    if anchor is not None and step >= anchor[0]:
+        step0, lr0 = anchor
+        floor = cfg.lr * cfg.min_lr_ratio
+        progress = (step - step0) / max(1, total_steps - step0)
+        return floor + (lr0 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def in_warmup(step: int, total_steps: int, cfg: TrainConfig) -> bool:
+    return step < min(cfg.warmup_steps, max(total_steps - 1, 0))

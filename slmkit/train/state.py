@@ -2,7 +2,9 @@
 
 `OUT/last/` holds the newest resumable state: the model (a full checkpoint), `optimizer.safetensors`
 and `trainer_state.json` (step, total steps, RNG, config). It is written to a temporary directory and
-swapped in by rename, so a crash mid-save leaves the previous state intact.
+swapped in by rename, so a crash mid-save leaves the previous state intact. Every file and the directory are
+fsynced before the rename: a rename is ordered before the data it names reaches the disk only if the data
+was flushed first, so after a power loss the state would otherwise be complete by name but hold zeros.
 """
 
 from __future__ import annotations
@@ -61,13 +63,38 @@ def save_train_state(out: Path, model, opt, trainer_state: dict, *, tokenizer_fr
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_modules.state_dict().items()},
                   str(tmp / "extra.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=2))
+    fsync_tree(tmp)
     # Swap: the previous state survives until the new one is complete.
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(out)  # make the renames themselves durable
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (new names, renames). Not possible on Windows, where it is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and Windows) refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk, then each directory's entries."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(Path(dirpath) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
 
 
 def find_train_state(out: Path) -> Path | None:
