@@ -269,16 +269,14 @@ def test_refusals(trained, domain_ds, tmp_path):
     assert not (tmp_path / "q").exists() and not (tmp_path / "n").exists()
 
 
-def test_non_byte_level_tokenizers_are_refused(trained, domain_ds, tmp_path):
-    import shutil
-
+def test_non_byte_level_tokenizers_are_refused(domain_ds):
     from slmkit.compress.vocab import check_byte_level_bpe
 
     tj = _tokenizer_json(domain_ds)
+    check_byte_level_bpe(tj, "tokenizer.json")
     tj["pre_tokenizer"] = {"type": "Whitespace"}
     with pytest.raises(PassError, match="byte-level BPE"):
         check_byte_level_bpe(tj, "tokenizer.json")
-    del shutil
 
 
 # -- the teacher-logit cache ------------------------------------------------------------------------
@@ -311,3 +309,33 @@ def test_teacher_topk_remap_is_the_teacher_conditioned_on_kept_tokens():
             np.testing.assert_allclose(new_tail[b, t], tail[b, t] - z[b, t], atol=1e-5)
             total = np.exp(row_lp[:n_kept].astype(np.float64)).sum() + np.exp(float(new_tail[b, t]))
             assert abs(total - 1) < 1e-5
+
+
+def test_teacher_cache_and_dataset_follow_the_trimmed_vocabulary(trimmed, trained, domain_ds, tmp_path):
+    from slmkit.compress.vocab import remap_dataset, remap_teacher_cache
+    from slmkit.data import check_same_tokenizer
+    from slmkit.distill.teacher_cache import CachedKDBatches, build_teacher_cache, open_teacher_cache
+
+    out, _ = trimmed
+    cache = open_teacher_cache(build_teacher_cache(trained, domain_ds, tmp_path / "cache", k=4, seq_len=32,
+                                                   max_chunks=12, progress=False))
+    ds2 = remap_dataset(domain_ds, out, tmp_path / "ds2")
+    check_same_tokenizer(ds2, out / "tokenizer.json")  # the trimmed model may train and be scored on it
+    kept = kept_ids_of(load_checkpoint(out).provenance["passes"][-1]["report"])
+    table = old_to_new_ids(kept, 384)
+    train = domain_ds.split("train")
+    assert np.array_equal(ds2.split("train").window(0, len(train)), table[train.window(0, len(train))])
+    assert ds2.eos_token_id == table[domain_ds.eos_token_id] and ds2.vocab_size == len(kept)
+
+    new = open_teacher_cache(remap_teacher_cache(cache, out, ds2, tmp_path / "cache2"), dataset=ds2)
+    assert new.vocab_size == len(kept) and new.num_chunks == cache.num_chunks
+    ids, lp, tail = new.chunk_arrays(np.arange(new.num_chunks))
+    old_ids, old_lp, old_tail = cache.chunk_arrays(np.arange(cache.num_chunks))
+    assert ids.max() < len(kept)
+    for row in range(0, ids.shape[1], 7):
+        n = int((table[old_ids[0, row]] >= 0).sum())
+        assert ids[0, row, :n].tolist() == [table[i] for i in old_ids[0, row] if table[i] >= 0]
+    mass = np.exp(np.where(lp > -60000, lp, -np.inf)).sum(-1) + np.exp(tail)
+    np.testing.assert_allclose(mass, 1.0, atol=2e-3)  # fp16 log-probs
+    batch = CachedKDBatches(new, ds2.split("train"), global_batch=2, seed=0).batch(0, slice(None))
+    assert batch["teacher_topk_ids"].max() < len(kept) and batch["input_ids"].max() < len(kept)
