@@ -26,6 +26,7 @@ from typing import Callable
 
 from ..data.errors import DataError
 from .chat import ChatTemplateError, assistant_end_marker, chat_template_of, render_chat
+from .defaults import PAIRS_SAMPLING
 from .verifiers import Verifier, VerifierResult
 
 
@@ -198,9 +199,11 @@ def _pair_record(item: PromptItem, chosen: str, rejected: str, rc: VerifierResul
             "chosen_reason": rc.reason, "rejected_reason": rr.reason}
 
 
-def make_pairs(model, tokenizer, prompts: list[PromptItem], verifier: Verifier, *, k: int = 8,
-               temperature: float = 0.8, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
-               batch_prompts: int = 4, margin: float = 0.0, stop: list[str] | None = None,
+def make_pairs(model, tokenizer, prompts: list[PromptItem], verifier: Verifier, *, k: int = PAIRS_SAMPLING.k,
+               temperature: float = PAIRS_SAMPLING.temperature, top_p: float = PAIRS_SAMPLING.top_p,
+               max_new_tokens: int = PAIRS_SAMPLING.max_new_tokens, seed: int = PAIRS_SAMPLING.seed,
+               batch_prompts: int = PAIRS_SAMPLING.batch_prompts, margin: float = PAIRS_SAMPLING.margin,
+               stop: list[str] | None = None,
                stop_token_ids: list[int] | None = None, on_batch: Callable[[int], None] | None = None
                ) -> tuple[list[dict], PairStats]:
     """Sample ``k`` completions per prompt, judge them, and return (pair records, stats)."""

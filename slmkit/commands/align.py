@@ -8,8 +8,12 @@ from typing import List, Optional
 
 import typer
 
-from .common import (LORA_RANK_HELP, LORA_TARGETS_DEFAULT, err_console, lora_config, out_console,
+from ..align.defaults import DPO_TRAIN_DEFAULTS as DPO, PAIRS_SAMPLING as PAIRS, SFT_TRAIN_DEFAULTS as SFT
+from .common import (LORA_RANK_HELP, LORA_TARGETS_DEFAULT, default_help, err_console, lora_config, out_console,
                      print_lora_summary, train_config)
+
+CONTEXT_NOTE = ", or the model's context if shorter"
+CONFIG_HELP = "Training config YAML (fields of TrainConfig): overrides the defaults; options given here override it."
 
 app = typer.Typer()
 
@@ -24,14 +28,19 @@ def sft(
                               "masking: each example attends only to itself) or pad one example per row."),
     val_fraction: float = typer.Option(0.05, help="Records held out (by a hash of their content) for validation "
                                        "loss on assistant tokens."),
-    config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig)."),
-    steps: int = typer.Option(200), batch_size: int = typer.Option(16, help="Rows per optimizer step."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    steps: Optional[int] = typer.Option(None, help=default_help("Optimizer steps.", SFT, "steps")),
+    batch_size: Optional[int] = typer.Option(None, help=default_help("Rows per optimizer step.", SFT, "batch_size")),
     micro_batch_size: Optional[int] = typer.Option(None, help="Rows per forward pass."),
-    seq_len: int = typer.Option(512, help="Row length in tokens; longer examples are truncated (and counted)."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (LoRA usually wants about 10x more)."),
-    warmup_steps: int = typer.Option(10), weight_decay: float = typer.Option(0.0),
+    seq_len: Optional[int] = typer.Option(None, help=default_help(
+        "Row length in tokens; longer examples are truncated (and counted).", SFT, "seq_len", CONTEXT_NOTE)),
+    lr: Optional[float] = typer.Option(None, help=default_help(
+        "Peak learning rate (LoRA usually wants about 10x more).", SFT, "lr")),
+    warmup_steps: Optional[int] = typer.Option(None, help=default_help("", SFT, "warmup_steps")),
+    weight_decay: Optional[float] = typer.Option(None, help=default_help("", SFT, "weight_decay")),
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
-    eval_every: int = typer.Option(50), save_every: int = typer.Option(100),
+    eval_every: Optional[int] = typer.Option(None, help=default_help("", SFT, "eval_every")),
+    save_every: Optional[int] = typer.Option(None, help=default_help("", SFT, "save_every")),
     seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last."),
     lora_rank: Optional[int] = typer.Option(None, help=LORA_RANK_HELP),
@@ -51,9 +60,10 @@ def sft(
     """
     from ..align.sft import sft as run_sft
 
-    cfg = train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                        precision=precision, eval_every=eval_every, save_every=save_every, seed=seed, device=device)
+    cfg = train_config(config, stage="sft", ckpt=ckpt, steps=steps, batch_size=batch_size,
+                       micro_batch_size=micro_batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+                       weight_decay=weight_decay, precision=precision, eval_every=eval_every,
+                       save_every=save_every, seed=seed, device=device)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     result = run_sft(ckpt, list(data), out, cfg, pack=pack, val_fraction=val_fraction, lora=lora, resume=resume)
     stage = json.loads((out / "slmkit.json").read_text())["stages"][-1]
@@ -74,13 +84,14 @@ def pairs(
     verifier: str = typer.Option(..., "--verifier", "-v", help="NAME[:key=value,...]: python-syntax, json, regex, "
                                  "length, teacher, or a plug-in module:function / file.py:function."),
     out: Path = typer.Option(..., "--out", "-o", help="JSONL of pairs to write."),
-    k: int = typer.Option(8, "-k", help="Samples per prompt."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    seed: int = typer.Option(0, help="Sampling seed: the same seed and --batch-prompts give the same pairs."),
-    batch_prompts: int = typer.Option(4, help="Prompts per generate call (each repeated K times)."),
-    margin: float = typer.Option(0.0, help="Graded verifiers: smallest score gap between chosen and rejected."),
+    k: int = typer.Option(PAIRS.k, "-k", help="Samples per prompt."),
+    temperature: float = typer.Option(PAIRS.temperature, help="Sampling temperature (> 0)."),
+    top_p: float = typer.Option(PAIRS.top_p, help="Nucleus sampling mass (1.0: the whole distribution, so "
+                                "pairs are on-policy samples)."),
+    max_new_tokens: int = typer.Option(PAIRS.max_new_tokens, "--max-new-tokens", "-n"),
+    seed: int = typer.Option(PAIRS.seed, help="Sampling seed: the same seed and --batch-prompts give the same pairs."),
+    batch_prompts: int = typer.Option(PAIRS.batch_prompts, help="Prompts per generate call (each repeated K times)."),
+    margin: float = typer.Option(PAIRS.margin, help="Graded verifiers: smallest score gap between chosen and rejected."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many prompts (default prompts: 200)."),
     stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
     val_fraction: Optional[float] = typer.Option(None, help="`--prompts default`: the held-out fraction (default: "
@@ -121,14 +132,19 @@ def dpo(
     val_fraction: float = typer.Option(0.1, help="Pairs held out (by a hash of their content) for preference accuracy."),
     ref_cache: Optional[Path] = typer.Option(None, help="Reference log-prob cache file (default OUT/"
                                              "reference_logps.safetensors); reused when pairs and checkpoint match."),
-    config: Optional[Path] = typer.Option(None, help="Training config YAML (fields of TrainConfig)."),
-    steps: int = typer.Option(200), batch_size: int = typer.Option(8, help="Pairs per optimizer step."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    steps: Optional[int] = typer.Option(None, help=default_help("Optimizer steps.", DPO, "steps")),
+    batch_size: Optional[int] = typer.Option(None, help=default_help("Pairs per optimizer step.", DPO, "batch_size")),
     micro_batch_size: Optional[int] = typer.Option(None, help="Pairs per forward pass."),
-    seq_len: int = typer.Option(512, help="Longest prompt+completion; longer prompts lose their start."),
-    lr: float = typer.Option(1e-5, help="Peak learning rate (LoRA usually wants 10-100x more)."),
-    warmup_steps: int = typer.Option(10), weight_decay: float = typer.Option(0.0),
+    seq_len: Optional[int] = typer.Option(None, help=default_help(
+        "Longest prompt+completion; longer prompts lose their start.", DPO, "seq_len", CONTEXT_NOTE)),
+    lr: Optional[float] = typer.Option(None, help=default_help(
+        "Peak learning rate (LoRA usually wants 10-100x more).", DPO, "lr")),
+    warmup_steps: Optional[int] = typer.Option(None, help=default_help("", DPO, "warmup_steps")),
+    weight_decay: Optional[float] = typer.Option(None, help=default_help("", DPO, "weight_decay")),
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
-    eval_every: int = typer.Option(50), save_every: int = typer.Option(100),
+    eval_every: Optional[int] = typer.Option(None, help=default_help("", DPO, "eval_every")),
+    save_every: Optional[int] = typer.Option(None, help=default_help("", DPO, "save_every")),
     seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last."),
     lora_rank: Optional[int] = typer.Option(None, help=LORA_RANK_HELP),
@@ -152,9 +168,10 @@ def dpo(
     from ..align.preference_losses import PreferenceConfig
 
     pref = PreferenceConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
-    cfg = train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                        precision=precision, eval_every=eval_every, save_every=save_every, seed=seed, device=device)
+    cfg = train_config(config, stage="dpo", ckpt=ckpt, steps=steps, batch_size=batch_size,
+                       micro_batch_size=micro_batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+                       weight_decay=weight_decay, precision=precision, eval_every=eval_every,
+                       save_every=save_every, seed=seed, device=device)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     result = run_dpo(ckpt, pairs, out, cfg, pref, lora=lora, val_fraction=val_fraction, ref_cache=ref_cache,
                      resume=resume)

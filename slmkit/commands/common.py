@@ -1,9 +1,11 @@
-"""What several command modules share: the two consoles, the LoRA options of train/distill/sft/dpo, the
-TrainConfig built from a YAML plus command-line overrides, and the candidates table of select/run."""
+"""What several command modules share: the two consoles, progress bars, the LoRA options of
+train/distill/sft/dpo, the TrainConfig built from stage defaults, a YAML and command-line overrides, and the
+candidates table of select/run."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -36,12 +38,37 @@ def print_lora_summary(out: Path) -> None:
                           f"{rec['peak_rss_bytes'] / 2**20:,.0f} MiB; adapter -> {Path(out) / rec['adapter']}")
 
 
-def train_config(config, **overrides):
-    """TrainConfig from the --config YAML (if any) with the options the user gave (not None) on top."""
-    from ..train import TrainConfig
+def train_config(config, *, stage: str | None = None, ckpt=None, **flags):
+    """The TrainConfig of a training command: the stage's defaults, then the --config YAML (if any), then the
+    flags the user gave (a flag left at None was not given; see `slmkit.align.defaults.stage_train_config`)."""
+    from ..align.defaults import stage_train_config
 
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return TrainConfig.from_yaml(config, **overrides) if config else TrainConfig(**overrides)
+    return stage_train_config(stage, config_file=config, explicit=flags, ckpt=ckpt, where="command-line options")
+
+
+def default_help(text: str, defaults, name: str, note: str = "") -> str:
+    """Help text that shows a default held in a defaults mapping (the option itself defaults to None, so that
+    a --config file can set it)."""
+    return f"{text} [default: {defaults[name]}{note}]".strip()
+
+
+@contextmanager
+def progress_bars(quiet: bool = False):
+    """A progress hook `(description, total) -> advance(n)` drawing one rich bar per piece of work on stderr
+    (so stdout stays clean for tables and JSON); None when quiet or stderr is not a terminal (logs, pipes)."""
+    if quiet or not err_console.is_terminal:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err_console) as bars:
+        def hook(description: str, total: int):
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield hook
 
 
 def print_selection(selection_file: Path, report: Path | None) -> None:

@@ -245,7 +245,11 @@ def _keyed(value: Any, keys: dict[str, str]) -> Any:
 
 
 def stage_key(spec: StageSpec, keys: dict[str, str]) -> str:
+    from ..align.defaults import STAGE_TRAIN_DEFAULTS
+
     payload = {"format": STAGE_FORMAT, "kind": spec.kind, "options": _keyed(spec.options, keys)}
+    if spec.kind in STAGE_TRAIN_DEFAULTS:  # what the stage trains with changes when its defaults do
+        payload["train_defaults"] = dict(STAGE_TRAIN_DEFAULTS[spec.kind])
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

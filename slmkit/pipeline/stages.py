@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..align.defaults import PAIRS_SAMPLING
+from ..evaluate.suite import SuiteConfig
 from .recipe import RecipeError, RunContext
 
 
@@ -41,7 +43,7 @@ class StageKind:
         if train:
             try:
                 TrainConfig(**train)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise RecipeError(f"{where}: {e}") from None
         return mine, train
 
@@ -53,10 +55,14 @@ class StageKind:
         return self.run(mine, out, ctx, train) if self.trains else self.run(mine, out, ctx)
 
 
-def _train_config(train: dict, ctx: RunContext):
-    from ..train import TrainConfig
+def _train_config(train: dict, ctx: RunContext, stage: str | None = None, ckpt: str | None = None):
+    """The same layering as the command line (`slmkit.align.defaults.stage_train_config`): the stage's
+    defaults (sft and dpo have their own), then the options under `with:`; seq_len left to the defaults is
+    capped at the checkpoint's context."""
+    from ..align.defaults import stage_train_config
 
-    return TrainConfig(**{"log_every": 10, "save_every": 100, **train})
+    return stage_train_config(stage, explicit=train, base={"log_every": 10, "save_every": 100}, ckpt=ckpt,
+                              where=f"{ctx.recipe.source}: {stage or 'training'} stage options")
 
 
 def _last_eval(result) -> dict:
@@ -158,7 +164,7 @@ def run_sft(opts: SFTOptions, out: Path, ctx: RunContext, train: dict) -> dict:
     from ..align.sft import sft
 
     data = [opts.data] if isinstance(opts.data, str) else list(opts.data)
-    result = sft(opts.ckpt, data, out, _train_config(train, ctx), pack=opts.pack, val_fraction=opts.val_fraction,
+    result = sft(opts.ckpt, data, out, _train_config(train, ctx, "sft", opts.ckpt), pack=opts.pack, val_fraction=opts.val_fraction,
                  resume=ctx.resume, quiet=ctx.quiet)
     return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
             **_last_eval(result)}
@@ -170,11 +176,11 @@ class PairsOptions:
     verifier: str = "python-syntax"
     prompts: str = "default"  # a prompts file, or the default domain's held-out function prompts
     limit: int | None = 200
-    k: int = 8
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    seed: int = 0
+    k: int = PAIRS_SAMPLING.k
+    temperature: float = PAIRS_SAMPLING.temperature
+    top_p: float = PAIRS_SAMPLING.top_p
+    max_new_tokens: int = PAIRS_SAMPLING.max_new_tokens
+    seed: int = PAIRS_SAMPLING.seed
 
 
 def run_pairs(opts: PairsOptions, out: Path, ctx: RunContext) -> dict:
@@ -205,7 +211,7 @@ def run_dpo(opts: DPOOptions, out: Path, ctx: RunContext, train: dict) -> dict:
     from ..align.preference_losses import PreferenceConfig
 
     pref = PreferenceConfig(loss=opts.loss, beta=opts.beta, label_smoothing=opts.label_smoothing, gamma=opts.gamma)
-    result = dpo(opts.ckpt, opts.pairs, out, _train_config(train, ctx), pref, val_fraction=opts.val_fraction,
+    result = dpo(opts.ckpt, opts.pairs, out, _train_config(train, ctx, "dpo", opts.ckpt), pref, val_fraction=opts.val_fraction,
                  resume=ctx.resume, quiet=ctx.quiet)
     return {"steps": result.steps, "train_seconds": round(result.seconds, 1), **_last_eval(result)}
 
@@ -236,15 +242,18 @@ def run_compress(opts: CompressOptions, out: Path, ctx: RunContext) -> dict:
 
 # -- measurement -----------------------------------------------------------------------------------
 
+SUITE = SuiteConfig()  # eval and select stages score with the same defaults as `slm eval`
+
+
 @dataclass
 class EvalOptions:
     ckpt: str
     data: str | None = None
     tasks: list = field(default_factory=lambda: ["lm"])
-    items: int = 200
-    max_tokens: int | None = 65536
-    seq_len: int = 256
-    max_new_tokens: int = 128
+    items: int = SUITE.items
+    max_tokens: int | None = SUITE.max_tokens
+    seq_len: int = SUITE.seq_len
+    max_new_tokens: int = SUITE.max_new_tokens
 
 
 def run_eval(opts: EvalOptions, out: Path, ctx: RunContext) -> dict:
@@ -283,10 +292,10 @@ class SelectOptions:
     objective: str = "bpb"
     tasks: list = field(default_factory=lambda: ["lm"])
     references: dict = field(default_factory=dict)  # measured and shown, never recommended (e.g. the teacher)
-    items: int = 200
-    max_tokens: int | None = 65536
-    seq_len: int = 256
-    max_new_tokens: int = 128
+    items: int = SUITE.items
+    max_tokens: int | None = SUITE.max_tokens
+    seq_len: int = SUITE.seq_len
+    max_new_tokens: int = SUITE.max_new_tokens
     bench_prompt_len: int = 128
     bench_new_tokens: int = 64
     bench_repeats: int = 5
