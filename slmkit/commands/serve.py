@@ -54,17 +54,26 @@ def generate(
         for p, r in zip(prompts, results):
             out_console.rule(p[:60], style="dim")
             out_console.print(p + r.text, markup=False, highlight=False)
-    r = results[0]
-    tok_s = sum(x.completion_tokens for x in results) / max(r.decode_seconds, 1e-9)
-    err_console.print(f"[dim]{sum(x.completion_tokens for x in results)} tokens, {tok_s:.1f} tok/s decode, "
+    rows = f" over {len(results)} rows" if len(results) > 1 else ""
+    err_console.print(f"[dim]{sum(x.completion_tokens for x in results)} tokens, "
+                      f"{decode_tokens_per_second(results):.1f} tok/s decode{rows}, "
                       f"finish: {', '.join(x.finish_reason for x in results)}[/]")
+
+
+def decode_tokens_per_second(results) -> float:
+    """Decode throughput of one batched `generate` call. The rows decode together, so the decode lasts as
+    long as its longest row (rows that finish early do not shorten it), and each row's first token comes
+    from the prefill, not from a decode step. 0.0 when nothing was decoded."""
+    seconds = max((r.decode_seconds for r in results), default=0.0)
+    tokens = sum(max(r.completion_tokens - 1, 0) for r in results)
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 @app.command()
 def serve(
     ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only; "
-                             "0.0.0.0 exposes the server to the network (use --api-key then)."),
+                             "any other address (0.0.0.0: the network) needs --api-key, or --insecure."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SLM_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every /v1 request "
@@ -83,6 +92,8 @@ def serve(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the checkpoint "
                                              "directory's name)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve a non-loopback --host without an API key "
+                                  "(only on a network where everyone who can reach the port may use it)."),
 ):
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), with continuous batching and streaming. Private by default: binds 127.0.0.1,
@@ -93,15 +104,24 @@ def serve(
         slm serve runs/small                     # http://127.0.0.1:8000/v1, model "small"
         SLM_API_KEY=s3cret slm serve runs/small --port 9000 --max-concurrent 16
         slm serve runs/small --host 0.0.0.0 --api-key s3cret --model-name domain
+        slm serve runs/small --host 0.0.0.0 --insecure    # a trusted network only: no key asked
 
     Then, from any OpenAI client (base_url http://127.0.0.1:8000/v1):
 
         curl -s localhost:8000/v1/completions -H 'Content-Type: application/json'
              -d '{"model": "small", "prompt": "def main():", "max_tokens": 32}'
     """
+    from ..serve.limits import check_exposure
     from ..serve.server import serve as run_server
 
+    try:
+        check_exposure(host, api_key, insecure)  # refused before the checkpoint is loaded or a port bound
+    except ValueError as e:
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
     run_server(ckpt, host=host, port=port, api_key=api_key, max_concurrent=max_concurrent, max_waiting=max_queue,
                prefill_chunk=prefill_chunk or None, max_body_bytes=max_body_bytes,
                max_prompt_tokens=max_prompt_tokens, max_n=max_n, log_requests=log_requests, dtype=dtype,
-               device=device, model_name=model_name)
+               device=device, model_name=model_name, insecure=insecure)

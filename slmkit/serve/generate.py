@@ -65,6 +65,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+            # torch.Generator.manual_seed accepts an int64 or a uint64, and raises a bare RuntimeError otherwise
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if self.stop_token_ids is not None and any(not isinstance(t, int) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
 

@@ -9,6 +9,7 @@ built from the server's `ServerConfig` and three numbers of the model and engine
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +18,27 @@ from .openai_schema import ApiError
 log = logging.getLogger("slmkit.serve")
 
 MAX_PROMPTS_PER_REQUEST = 64
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: `localhost`, 127.0.0.0/8, ::1."""
+    host = host.strip()
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse (ValueError) to serve beyond this machine without an API key unless `insecure`: anyone who can
+    reach the port could otherwise read the model and use the machine's compute."""
+    if api_key or insecure or is_loopback(host):
+        return
+    raise ValueError(f"refusing to serve on {host!r} without an API key: every machine that can reach it could "
+                     "use the model. Pass --api-key KEY (or set SLM_API_KEY), bind a loopback address "
+                     "(127.0.0.1, ::1, localhost), or pass --insecure if the network is trusted")
 
 
 @dataclass

@@ -46,7 +46,9 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    # int64, as OpenAI's API documents it; `n` samples use seed, seed + 1, ... which stays inside the
+    # range torch.Generator accepts ([-2**63, 2**64 - 1]), so no seed reaches the engine as a 500.
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
 
     @field_validator("stop")
     @classmethod

@@ -5,7 +5,8 @@ Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/ch
 `EngineRequest`s of the continuous-batching engine (engine.py); `n` samples and lists of prompts become
 one engine sequence each.
 
-Private: binds 127.0.0.1 unless told otherwise; with an API key every `/v1` request needs
+Private: binds 127.0.0.1 unless told otherwise, and refuses any other host without an API key (unless
+`insecure`); with an API key every `/v1` request needs
 `Authorization: Bearer KEY` (compared with `hmac.compare_digest`); prompts and completions are never
 logged unless `log_requests`; nothing here opens an outbound connection.
 
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .engine import Delta, Engine, EngineBusy, EngineClosed, EngineRequest, Failed, Finished
 from .generate import SamplingParams
-from .limits import MAX_PROMPTS_PER_REQUEST, RequestGuard, ServerConfig
+from .limits import MAX_PROMPTS_PER_REQUEST, RequestGuard, ServerConfig, check_exposure, is_loopback
 from .openai_responses import (CompletionLogprobs, chat_chunk, chat_logprobs, completion_chunk, merge_logprobs,
                                new_id, now, usage)
 from .openai_schema import ApiError, ChatRequest, CompletionRequest, parse_request
@@ -77,21 +78,29 @@ class _Job:
         for h in self.handles:
             h.cancel()
 
-    async def events(self, request=None, poll: float = 0.5) -> AsyncIterator[list[tuple[int, object]]]:
+    async def events(self, request=None, poll: float = 0.25) -> AsyncIterator[list[tuple[int, object]]]:
         """Lists of (choice index, event), in order, until every sequence ended; with `request`, checks
-        for a disconnect every `poll` seconds (a streaming response learns of it from the server)."""
+        for a disconnect every `poll` seconds of wall-clock time, whether or not events keep coming (a
+        streaming response learns of it from the server when a write fails)."""
         open_ = len(self.handles)
+        clock = self._loop.time
+        next_check = clock() + poll
         while open_:
             self._ready.clear()
+            # Checked on the clock, not only when no event came for a while: while tokens flow there is
+            # never such a gap, and a client that left would keep its slots until its request ends.
+            if request is not None and clock() >= next_check:
+                if await request.is_disconnected():
+                    raise ClientGone()
+                next_check = clock() + poll
             if not self._events:
                 if request is None:
                     await self._ready.wait()
                 else:
                     try:
-                        await asyncio.wait_for(self._ready.wait(), poll)
-                    except TimeoutError:
-                        if await request.is_disconnected():
-                            raise ClientGone() from None
+                        await asyncio.wait_for(self._ready.wait(), max(0.0, next_check - clock()))
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                        pass
                     continue
             batch = []
             while self._events:
@@ -422,8 +431,10 @@ class BackgroundServer:
 def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrent: int = 8, max_waiting: int = 64, prefill_chunk: int | None = 256,
           max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_n: int = 8,
-          log_requests: bool = False, dtype: str = "auto", device: str = "auto", model_name: str | None = None) -> None:
-    """Load `checkpoint` and serve it until interrupted (the body of `slm serve`)."""
+          log_requests: bool = False, dtype: str = "auto", device: str = "auto", model_name: str | None = None,
+          insecure: bool = False) -> None:
+    """Load `checkpoint` and serve it until interrupted (the body of `slm serve`). A host other than loopback
+    needs `api_key`, or `insecure=True` to serve it to the network without one."""
     from pathlib import Path
 
     import torch
@@ -432,6 +443,7 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     from ..checkpoint import load_checkpoint
     from .chat_template import load_chat_template
 
+    check_exposure(host, api_key, insecure)  # before loading anything
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -452,6 +464,8 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     app = create_app(engine, config, template)
     log.warning("serving %s as %r on http://%s:%d (API key %s, chat %s)", ck.path, config.model_name, host, port,
                 "required" if api_key else "off", "on" if template else "off (no chat_template)")
+    if not api_key and not is_loopback(host):
+        log.warning("--insecure: %s is reachable beyond this machine and needs no API key", host)
     with engine:
         uvicorn.run(app, host=host, port=port, log_level="info" if log_requests else "warning",
                     access_log=log_requests, timeout_graceful_shutdown=5)

@@ -171,7 +171,8 @@ def test_repetition_penalty_changes_output(model, tokenizer):
 
 
 @pytest.mark.parametrize("kw", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-1),
-                                dict(max_new_tokens=0), dict(repetition_penalty=0.0), dict(stop=[""])])
+                                dict(max_new_tokens=0), dict(repetition_penalty=0.0), dict(stop=[""]),
+                                dict(seed=2**64), dict(seed=-2**63 - 1)])
 def test_invalid_params_raise(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingParams(**kw)

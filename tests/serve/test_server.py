@@ -168,6 +168,12 @@ def test_n_and_seed(client):
     assert [x.text for x in c.choices] != [x.text for x in a.choices]
 
 
+def test_seeds_at_the_ends_of_int64_are_served(client):
+    for seed in (2**63 - 1, -2**63):  # n samples use seed, seed + 1, ...
+        r = client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=1.0, n=3, seed=seed)
+        assert len(r.choices) == 3 and all(c.finish_reason in ("stop", "length") for c in r.choices)
+
+
 def test_stop_strings(client, ckpt):
     full = greedy_text(ckpt, "def add(a, b):", 16, stop_token_ids=[])
     stop = next(full[i:i + 2] for i in range(3, len(full) - 1)
@@ -265,6 +271,10 @@ AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
      "messages.0.content"),
     ("/v1/chat/completions", b'{"model": "tiny-test", "messages": [{"role": "user", "content": "x"}],'
                              b' "temperature": 1e400}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "x", "seed": 18446744073709551616}', 400, "seed"),
+    ("/v1/completions", b'{"model": "tiny-test", "prompt": "x", "seed": 100000000000000000000000000000}', 400, "seed"),
+    ("/v1/chat/completions", b'{"model": "tiny-test", "messages": [{"role": "user", "content": "x"}],'
+                             b' "seed": -9223372036854775809}', 400, "seed"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, param):
     r = httpx.post(server.url + path, content=body, headers=AUTH)
@@ -322,6 +332,30 @@ def test_abrupt_disconnect_frees_the_slot(server, client, stream):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_non_streaming_client_leaving_while_tokens_flow_frees_its_slot_at_once(ckpt):
+    # Tokens flow without a pause (a long completion, no stop token), so only a disconnect check on the clock
+    # notices the client is gone before the request ends by itself.
+    _, tok = ckpt
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=None)
+    max_tokens = 4000  # seconds of decoding on any CPU
+    with Engine(CausalLM(cfg).eval(), tok, max_concurrent=2) as engine, \
+            BackgroundServer(create_app(engine, ServerConfig(model_name=MODEL), None)) as srv:
+        sock = raw_request(srv, {"model": MODEL, "prompt": "x", "max_tokens": max_tokens, "temperature": 1.0})
+        deadline = time.monotonic() + 20
+        while engine.steps < 20:  # generating
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.005)
+        sock.close()
+        left = time.monotonic()
+        while engine.stats()["running"] and time.monotonic() - left < 60:
+            time.sleep(0.005)
+        freed_after = time.monotonic() - left
+        assert engine.steps < max_tokens - 1, "the request ran to its end: the disconnect went unnoticed"
+        assert freed_after < 2.0, f"the slot was freed {freed_after:.2f} s after the client left"
+
+
 def test_a_full_queue_answers_503(ckpt):
     ck, tok = ckpt
     with Engine(ck.model, tok, max_concurrent=1, max_waiting=0) as engine, \
@@ -370,3 +404,60 @@ def test_slm_serve_command(ckpt, tmp_path):
         out = proc.communicate(timeout=30)[0]
     assert "secret prompt" not in out  # request text is never logged by default
     assert f"127.0.0.1:{port}" in out
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host, args, env, refused", [
+    ("0.0.0.0", [], {}, True),
+    ("::", [], {}, True),
+    ("192.168.1.10", [], {}, True),
+    ("models.example.internal", [], {}, True),
+    ("0.0.0.0", ["--insecure"], {}, False),
+    ("0.0.0.0", ["--api-key", "k"], {}, False),
+    ("0.0.0.0", [], {"SLM_API_KEY": "k"}, False),
+    ("127.0.0.1", [], {}, False),
+    ("::1", [], {}, False),
+    ("localhost", [], {}, False),
+])
+def test_slm_serve_refuses_a_public_host_without_an_api_key(tmp_path, host, args, env, refused):
+    from typer.testing import CliRunner
+
+    from slmkit.checkpoint import CheckpointError
+    from slmkit.cli import app
+
+    # A checkpoint that does not exist: a host that passes the check fails at loading, before any port is bound.
+    missing = tmp_path / "no-checkpoint"
+    r = CliRunner().invoke(app, ["serve", str(missing), "--host", host, "--port", "1", *args],
+                           env={"SLM_API_KEY": None, "COLUMNS": "200", **env})
+    if refused:
+        assert r.exit_code == 2, (r.exit_code, r.output)
+        assert "without an API key" in r.output and "--api-key" in r.output and "--insecure" in r.output
+    else:
+        assert "without an API key" not in r.output
+        assert isinstance(r.exception, (CheckpointError, FileNotFoundError)), (r.exit_code, r.output, r.exception)
+
+
+def test_generate_reports_the_batch_decode_rate():
+    from slmkit.commands.serve import decode_tokens_per_second
+    from slmkit.serve.generate import GenerationResult
+
+    def row(tokens: int, seconds: float) -> GenerationResult:
+        return GenerationResult("", [], "length", 3, tokens, prefill_seconds=0.01, decode_seconds=seconds)
+
+    # Row 0 stopped at its first token while row 1 decoded 40 more in 4 s: the batch decoded 10 tok/s.
+    assert decode_tokens_per_second([row(1, 0.0), row(41, 4.0)]) == pytest.approx(10.0)
+    assert decode_tokens_per_second([row(5, 0.5), row(41, 4.0)]) == pytest.approx(11.0)
+    assert decode_tokens_per_second([row(41, 4.0), row(5, 0.5)]) == pytest.approx(11.0)  # any row order
+    assert decode_tokens_per_second([row(1, 0.0)]) == 0.0  # nothing decoded
+
+
+def test_slm_generate_batched(ckpt):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    r = CliRunner().invoke(app, ["generate", str(ckpt[0].path), "def add", "The quick", "--no-stream", "-n", "6",
+                                 "--temperature", "0"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "tok/s decode over 2 rows" in r.output
