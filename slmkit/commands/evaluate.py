@@ -9,7 +9,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import err_console, out_console, print_selection
+from ..evaluate.suite import SuiteConfig
+from .common import err_console, out_console, print_selection, progress_bars
+
+SUITE = SuiteConfig()  # the defaults `slm eval` shares with recipe eval/select stages
 
 app = typer.Typer()
 
@@ -21,19 +24,25 @@ def eval_cmd(
                                                                     "scored by the lm task)."),
     tasks: str = typer.Option("lm", help="Comma-separated: lm, next-line, function-parse, FILE.jsonl, "
                                          "FILE.jsonl@VERIFIER."),
-    split: str = typer.Option("val"),
-    seq_len: int = typer.Option(256),
-    max_tokens: Optional[int] = typer.Option(None, help="Score at most this many tokens (lm)."),
-    items: int = typer.Option(200, help="Items per built-in task."),
-    max_new_tokens: int = typer.Option(128, help="Tokens generated per item (generation tasks)."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (lm task)"),
+    split: str = typer.Option(SUITE.split, help="Dataset split the lm task scores."),
+    seq_len: int = typer.Option(SUITE.seq_len, help="Window length of the lm task."),
+    max_tokens: Optional[int] = typer.Option(None, help=f"Score at most this many tokens (lm) [default: "
+                                             f"{SUITE.max_tokens}; 0 scores the whole split]."),
+    items: int = typer.Option(SUITE.items, help="Items per built-in task."),
+    max_new_tokens: int = typer.Option(SUITE.max_new_tokens, help="Tokens generated per item (generation tasks)."),
+    batch_size: int = typer.Option(SUITE.batch_size, help="Choices (multiple choice) or prompts (generation) "
+                                   "per forward pass."),
+    precision: str = typer.Option(SUITE.precision, help="fp32 | bf16 (lm task)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr "
+                                                            "is not a terminal)."),
 ):
     """Score a checkpoint: bits per byte on held-out data, multiple-choice and generation tasks.
 
     Multiple choice is scored by log-likelihood (acc, and acc_norm per byte, as lm-evaluation-harness);
     generation tasks by a verifier (`python-syntax`, `json`, ...) or ROUGE-L against `reference`. The
-    built-in `next-line` and `function-parse` tasks come from held-out files of the default domain.
+    built-in `next-line` and `function-parse` tasks come from held-out files of the default domain. The lm
+    task scores the same tokens whichever other tasks run beside it.
 
     Examples:
 
@@ -41,16 +50,19 @@ def eval_cmd(
         slm eval runs/small --data runs/ds --tasks lm,next-line,function-parse
         slm eval runs/small --tasks mc.jsonl,prompts.jsonl@python-syntax
     """
+    from ..evaluate.suite import SuiteConfig, evaluate_checkpoint, parse_tasks
+
+    tokens = SUITE.max_tokens if max_tokens is None else (None if max_tokens == 0 else max_tokens)
+    cfg = SuiteConfig(seq_len=seq_len, max_tokens=tokens, items=items, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, split=split, precision=precision)
     if tasks.strip() == "lm":
         if data is None:
             raise typer.BadParameter("the lm task needs --data DIR (the dataset whose held-out split is scored)")
-        _eval_lm(ckpt, data, split, seq_len, max_tokens, precision, json_out)
+        with progress_bars(quiet) as progress:
+            _eval_lm(ckpt, data, cfg, json_out, progress)
         return
-    from ..evaluate.suite import SuiteConfig, evaluate_checkpoint, parse_tasks
-
-    cfg = SuiteConfig(seq_len=seq_len, max_tokens=max_tokens if max_tokens is not None else 65536, items=items,
-                      max_new_tokens=max_new_tokens)
-    res = evaluate_checkpoint(ckpt, parse_tasks(tasks), data=data, cfg=cfg)
+    with progress_bars(quiet) as progress:
+        res = evaluate_checkpoint(ckpt, parse_tasks(tasks), data=data, cfg=cfg, progress=progress)
     table = Table(title=f"{ckpt}")
     table.add_column("task")
     table.add_column("result")
@@ -71,26 +83,24 @@ def eval_cmd(
         json_out.write_text(json.dumps(res, indent=2))
 
 
-def _eval_lm(ckpt, data, split, seq_len, max_tokens, precision, json_out) -> None:
-    import torch
-
+def _eval_lm(ckpt, data, cfg, json_out, progress) -> None:
     from ..checkpoint import load_checkpoint
-    from ..data import check_same_tokenizer, open_dataset, token_byte_lengths
-    from ..evaluate.lm import evaluate_lm
+    from ..data import check_same_tokenizer, open_dataset
+    from ..evaluate.suite import score_lm
 
     ck = load_checkpoint(ckpt)
     ds = open_dataset(data)
     check_same_tokenizer(ds, ck.tokenizer_path)
-    res = evaluate_lm(ck.model, ds.split(split), token_byte_lengths(ds.tokenizer()), seq_len=seq_len,
-                      max_tokens=max_tokens, autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-    table = Table(title=f"{ckpt} on {data} ({split})")
+    res = score_lm(ck.model, ds, cfg, progress)  # the same function `--tasks lm,...` uses
+    table = Table(title=f"{ckpt} on {data} ({cfg.split})")
     for k in ("bits_per_byte", "perplexity", "accuracy", "loss", "tokens", "bytes"):
         table.add_column(k, justify="right")
     table.add_row(*(f"{res[k]:.4f}" if isinstance(res[k], float) else f"{res[k]:,}"
                     for k in ("bits_per_byte", "perplexity", "accuracy", "loss", "tokens", "bytes")))
     out_console.print(table)
     if json_out:
-        json_out.write_text(json.dumps({"checkpoint": str(ckpt), "data": str(data), "split": split, **res}, indent=2))
+        json_out.write_text(json.dumps({"checkpoint": str(ckpt), "data": str(data), "split": cfg.split, **res},
+                                       indent=2))
 
 
 @app.command()

@@ -15,18 +15,27 @@ import torch
 import torch.nn.functional as F
 
 
+def _windows(n: int, seq_len: int, max_tokens: int | None) -> tuple[list[int], int, int]:
+    """(window starts, window length, tokens used) for scoring `max_tokens` of a stream of `n` tokens."""
+    if n < 2:
+        raise ValueError("the held-out split has fewer than 2 tokens; build the dataset with a larger --val-fraction")
+    limit = n if max_tokens is None else min(n, max_tokens + 1)
+    seq_len = min(seq_len, limit - 1)
+    return list(range(0, limit - 1, seq_len)), seq_len, limit
+
+
+def lm_windows(n: int, seq_len: int, max_tokens: int | None) -> int:
+    """How many windows `evaluate_lm` scores (the units of its `progress` calls)."""
+    return len(_windows(n, seq_len, max_tokens)[0])
+
+
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, stream, byte_lengths: np.ndarray, *, seq_len: int,
                 max_tokens: int | None = None, batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
                 progress=None) -> dict[str, float]:
     """Score consecutive non-overlapping windows of `stream` (anything with len() and window()).
     Returns loss (nats/token), bits_per_byte, perplexity, accuracy (top-1), tokens and bytes scored."""
-    n = len(stream)
-    if n < 2:
-        raise ValueError("the held-out split has fewer than 2 tokens; build the dataset with a larger --val-fraction")
-    limit = n if max_tokens is None else min(n, max_tokens + 1)
-    seq_len = min(seq_len, limit - 1)
-    starts = list(range(0, limit - 1, seq_len))
+    starts, seq_len, limit = _windows(len(stream), seq_len, max_tokens)
     device = next(model.parameters()).device
     lengths = torch.as_tensor(np.asarray(byte_lengths), dtype=torch.float64)
     total_nats, total_bytes, total_tokens, correct = 0.0, 0.0, 0, 0

@@ -20,20 +20,61 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from .tasks import TaskData, TaskError, load_task_file, score_choice_task, score_generation_task
+if TYPE_CHECKING:
+    from .tasks import TaskData
+
+# A progress hook: called once per task with (description, total units); returns the function to call with
+# each batch's units done (or None for no progress).
+ProgressHook = Callable[[str, int], "Callable[[int], None] | None"]
+
+
+def _task_error(message: str) -> ValueError:
+    """A `slmkit.evaluate.tasks.TaskError` (imported on first use: this module is read by `slm --help`)."""
+    from .tasks import TaskError
+
+    return TaskError(message)
 
 BUILTIN_TASKS = ("lm", "next-line", "function-parse")
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
+    """What `slm eval`, recipe `eval`/`select` stages and `run_suite` score with: one set of defaults, so the
+    `lm` numbers are the same whichever entry point, and whichever other tasks, ran."""
+
     seq_len: int = 256
-    max_tokens: int | None = 65536  # held-out tokens scored by `lm`
+    max_tokens: int | None = 65536  # held-out tokens scored by `lm` (None: the whole split)
     items: int = 200  # items per built-in task
     max_new_tokens: int = 128  # generation tasks
-    batch_size: int = 16
+    batch_size: int = 16  # multiple-choice continuations (or generation prompts) per forward
     seed: int = 0
+    split: str = "val"  # the dataset split `lm` scores
+    precision: str = "fp32"  # fp32 | bf16 (autocast) for `lm`
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise _task_error(f"precision={self.precision!r}: use fp32 or bf16")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise _task_error(f"max_tokens={self.max_tokens}: give a positive token count (or none for the whole split)")
+
+
+def score_lm(model, data, cfg: SuiteConfig, progress=None) -> dict:
+    """The `lm` task: bits per byte, perplexity and top-1 accuracy on `cfg.split` of dataset `data`."""
+    import torch
+
+    from ..data import token_byte_lengths
+    from .lm import evaluate_lm, lm_windows
+
+    if data is None:
+        raise _task_error("the lm task scores the dataset's held-out split: pass --data DIR")
+    stream = data.split(cfg.split)
+    advance = progress(f"lm ({cfg.split} bits/byte)", lm_windows(len(stream), cfg.seq_len, cfg.max_tokens)) \
+        if progress is not None else None
+    return evaluate_lm(model, stream, token_byte_lengths(data.tokenizer()), seq_len=cfg.seq_len,
+                       max_tokens=cfg.max_tokens, autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+                       progress=advance)
 
 
 def parse_tasks(text: str | list[str] | None) -> list[str]:
@@ -46,10 +87,10 @@ def parse_tasks(text: str | list[str] | None) -> list[str]:
             continue
         name, _, count = t.partition(":")
         if name not in BUILTIN_TASKS:
-            raise TaskError(f"unknown task {t!r}: use {', '.join(BUILTIN_TASKS)} (NAME:N for N items) or a .jsonl "
+            raise _task_error(f"unknown task {t!r}: use {', '.join(BUILTIN_TASKS)} (NAME:N for N items) or a .jsonl "
                             "task file (optionally FILE.jsonl@VERIFIER)")
         if count and (name == "lm" or not count.isdigit() or int(count) < 1):
-            raise TaskError(f"task {t!r}: ':N' sets the item count of next-line or function-parse, N >= 1")
+            raise _task_error(f"task {t!r}: ':N' sets the item count of next-line or function-parse, N >= 1")
     return tasks
 
 
@@ -59,7 +100,7 @@ def builtin_task(name: str, cfg: SuiteConfig, val_fraction: float | None = None)
     dataset held out: pass the dataset's `val_fraction` (a smaller one than training used is safe, a larger
     one would draw from training files)."""
     from ..data import default_tasks
-    from .tasks import ChoiceItem, GenerationItem
+    from .tasks import ChoiceItem, GenerationItem, TaskData
 
     vf = val_fraction or default_tasks.DEFAULT_VAL_FRACTION
     if name == "next-line":
@@ -72,24 +113,21 @@ def builtin_task(name: str, cfg: SuiteConfig, val_fraction: float | None = None)
 
 
 def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig = SuiteConfig(),
-              progress=None) -> dict:
+              progress: ProgressHook | None = None) -> dict:
     """Score `model` on `tasks`; returns {"tasks": {name: result}, "summary": {metric: value}}.
+    Each task is scored the same whichever others run beside it (the `lm` task by `score_lm` alone).
 
     The summary holds the headline numbers a selection compares: bits_per_byte, perplexity, accuracy (lm),
     next_line_acc, parse_rate, and `<file>_acc` / `<file>_score` for task files."""
+    from .tasks import load_task_file, score_choice_task, score_generation_task
+
     results: dict[str, dict] = {}
     summary: dict[str, float] = {}
     bos = model.config.bos_token_id
     for name in tasks:
         t0 = time.perf_counter()
         if name == "lm":
-            if data is None:
-                raise TaskError("the lm task scores the dataset's held-out split: pass --data DIR")
-            from ..data import token_byte_lengths
-            from .lm import evaluate_lm
-
-            res = evaluate_lm(model, data.split("val"), token_byte_lengths(data.tokenizer()), seq_len=cfg.seq_len,
-                              max_tokens=cfg.max_tokens)
+            res = score_lm(model, data, cfg, progress)
             summary.update(bits_per_byte=res["bits_per_byte"], perplexity=res["perplexity"], accuracy=res["accuracy"])
         else:
             path, _, scorer = name.partition("@")
@@ -101,16 +139,19 @@ def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig
             else:
                 task = load_task_file(path)
             if task.kind == "choice":
+                advance = progress(f"{name} (multiple choice)", sum(len(it.choices) for it in task.items)) \
+                    if progress is not None else None
                 res = score_choice_task(model, tokenizer, task.items, batch_size=cfg.batch_size, bos_id=bos,
-                                        progress=progress)
+                                        progress=advance)
                 res.pop("loglikelihoods")
                 summary["next_line_acc" if name == "next-line" else f"{task.name}_acc"] = res["acc"]
             else:
                 scorer = scorer or ("python-syntax" if name == "function-parse" else "rouge-l")
+                advance = progress(f"{name} (generation)", len(task.items)) if progress is not None else None
                 res = score_generation_task(model, tokenizer, task.items, scorer=scorer,
                                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                             seed=cfg.seed, stop=["\ndef ", "\nclass ", "\n\n\n"]
-                                            if name == "function-parse" else None, progress=progress)
+                                            if name == "function-parse" else None, progress=advance)
                 if name == "function-parse":
                     summary["parse_rate"] = res["pass_rate"]
                 else:
@@ -126,7 +167,7 @@ def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig
 
 
 def evaluate_checkpoint(path: str | Path, tasks: list[str], *, data: str | Path | None = None,
-                        cfg: SuiteConfig = SuiteConfig(), progress=None) -> dict:
+                        cfg: SuiteConfig = SuiteConfig(), progress: ProgressHook | None = None) -> dict:
     """Load a checkpoint (and dataset) and `run_suite`; the dataset must share the checkpoint's tokenizer."""
     from ..checkpoint import load_checkpoint
     from ..data import check_same_tokenizer, open_dataset
@@ -136,6 +177,6 @@ def evaluate_checkpoint(path: str | Path, tasks: list[str], *, data: str | Path 
     if ds is not None:
         check_same_tokenizer(ds, ck.tokenizer_path)
     if ck.tokenizer_path is None:
-        raise TaskError(f"{path}: no tokenizer.json; tasks need the checkpoint's tokenizer")
+        raise _task_error(f"{path}: no tokenizer.json; tasks need the checkpoint's tokenizer")
     result = run_suite(ck.model, ck.tokenizer(), tasks, data=ds, cfg=cfg, progress=progress)
     return {"checkpoint": str(path), "data": str(data) if data else None, **result}

@@ -144,50 +144,126 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 @torch.no_grad()
 def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 16,
-                   bos_id: int | None = None, progress: Callable[[int], None] | None = None
-                   ) -> list[tuple[float, bool]]:
+                   bos_id: int | None = None, progress: Callable[[int], None] | None = None,
+                   share_context: bool = True) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): (sum of log P(continuation | context), whether every
-    continuation token is the greedy choice). Contexts are cut from the left to fit the model's context."""
+    continuation token is the greedy choice). Contexts are cut from the left to fit the model's context.
+
+    Requests that share a context (the choices of one item) run the context once: it is prefilled into a KV
+    cache, the cache rows are repeated once per continuation, and all continuations run as one padded
+    batch on top (`_score_shared`). The rest, and models without a plain KV cache (Linformer, segment
+    memory), run one right-padded row per request (`_score_rows`). Both compute exactly the unbatched
+    log-probabilities, up to float rounding of different matmul shapes. `progress(n)` counts requests."""
     if not requests:
         return []
     cfg = model.config
-    device = next(model.parameters()).device
     limit = cfg.max_position_embeddings
-    rows: list[tuple[list[int], int]] = []  # (ids, number of continuation tokens at the end)
-    for ctx, cont in requests:
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    shared: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    rows: list[tuple[int, list[int], int]] = []  # (request index, ids, number of continuation tokens at the end)
+    cacheable = share_context and cfg.attention_type == "full" and not getattr(cfg, "memory_length", 0)
+    for r, (ctx, cont) in enumerate(requests):
         if not cont:
             raise TaskError("a choice tokenized to nothing; choices must be non-empty text")
         prefix = ([bos_id] if bos_id is not None else []) + list(ctx)
         if not prefix:  # the first continuation token needs something to be predicted from
             raise TaskError("an empty context needs a BOS token to score the first choice token")
-        ids = (prefix + list(cont))[-(limit + 1):]
-        rows.append((ids, len(cont)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths batch together
-    results: list[tuple[float, bool] | None] = [None] * len(rows)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        if cacheable and len(prefix) + len(cont) <= limit + 1:
+            shared.setdefault(tuple(prefix), []).append((r, list(cont)))
+        else:
+            rows.append((r, (prefix + list(cont))[-(limit + 1):], len(cont)))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(rows[i][0]) for i in chunk) - 1
-            x = torch.full((len(chunk), width), pad, dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids = rows[i][0]
-                x[j, :len(ids) - 1] = torch.tensor(ids[:-1])
-            logp = F.log_softmax(model(x.to(device)).float(), dim=-1)  # (b, width, V)
-            for j, i in enumerate(chunk):
-                ids, n = rows[i]
-                targets = torch.tensor(ids[-n:], device=device)
-                pos = torch.arange(len(ids) - 1 - n, len(ids) - 1, device=device)
-                token_logp = logp[j, pos, targets]
-                greedy = bool((logp[j, pos].argmax(-1) == targets).all())
-                results[i] = (float(token_logp.double().sum()), greedy)
-            if progress is not None:
-                progress(len(chunk))
+        _score_shared(model, list(shared.items()), results, batch_size, progress)
+        _score_rows(model, rows, results, batch_size, progress)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _pad_id(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+
+def _score_rows(model, rows: list[tuple[int, list[int], int]], results: list, batch_size: int, progress) -> None:
+    """One right-padded row per request (causal attention: padding after a row's tokens changes nothing)."""
+    device = next(model.parameters()).device
+    pad = _pad_id(model)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))  # similar lengths batch together
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start:start + batch_size]]
+        width = max(len(ids) for _, ids, _ in chunk) - 1
+        x = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for j, (_, ids, _) in enumerate(chunk):
+            x[j, :len(ids) - 1] = torch.tensor(ids[:-1])
+        logits = model(x.to(device))  # (b, width, V)
+        for j, (r, ids, n) in enumerate(chunk):
+            pos = torch.arange(len(ids) - 1 - n, len(ids) - 1, device=device)
+            results[r] = _continuation_score(logits[j, pos], torch.tensor(ids[-n:], device=device))
+        if progress is not None:
+            progress(len(chunk))
+
+
+def _continuation_score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
+    """(sum of log-probabilities of `targets`, all greedy) from the logits (n, V) that predict them."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (n, V)
+    token_logp = logp.gather(-1, targets[:, None])[:, 0]
+    return float(token_logp.double().sum()), bool((logp.argmax(-1) == targets).all())
+
+
+def _score_shared(model, groups: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]], results: list,
+                  batch_size: int, progress) -> None:
+    """Score continuations that share a context: groups of (context ids, [(request index, continuation)]),
+    packed so that each forward holds about `batch_size` continuations."""
+    groups = sorted(groups, key=lambda g: -len(g[0]))
+    i = 0
+    while i < len(groups):
+        batch, n = [groups[i]], len(groups[i][1])
+        i += 1
+        while i < len(groups) and n + len(groups[i][1]) <= batch_size:
+            batch.append(groups[i])
+            n += len(groups[i][1])
+            i += 1
+        _score_shared_batch(model, batch, results)
+        if progress is not None:
+            progress(n)
+
+
+def _score_shared_batch(model, batch, results: list) -> None:
+    from ..model.cache import KVCache
+
+    device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    pad = _pad_id(model)
+    prefixes = [list(p) for p, _ in batch]
+    conts = [(g, r, c) for g, (_, items) in enumerate(batch) for r, c in items]
+    P = max(len(p) for p in prefixes)
+    C = max(len(c) for _, _, c in conts)
+    # Contexts left-padded, so every row's last column is its last real token: (G, P).
+    ids = torch.full((len(batch), P), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), P), dtype=torch.long)
+    for g, p in enumerate(prefixes):
+        ids[g, P - len(p):] = torch.tensor(p)
+        mask[g, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its positions from its first real token
+    cache = KVCache(model.config, len(batch), P + max(C - 1, 1), device=device, dtype=dtype)
+    first = model(ids, position_ids=positions, attention_mask=mask, cache=cache, last_only=True)[:, 0]  # (G, V)
+    owner = torch.tensor([g for g, _, _ in conts], device=device)  # (N,) the context row of each continuation
+    rest = None
+    if C > 1:
+        cache.select_rows(owner)  # one copy of its context's keys/values per continuation
+        x = torch.full((len(conts), C - 1), pad, dtype=torch.long)  # continuations but their last token, right-padded
+        for j, (_, _, c) in enumerate(conts):
+            x[j, :len(c) - 1] = torch.tensor(c[:-1])
+        lengths = torch.tensor([len(p) for p in prefixes], device=device)[owner]  # (N,)
+        new_pos = lengths[:, None] + torch.arange(C - 1, device=device)[None]  # (N, C-1)
+        full_mask = torch.cat([mask[owner], torch.ones(len(conts), C - 1, dtype=torch.long, device=device)], 1)
+        rest = model(x.to(device), position_ids=new_pos, attention_mask=full_mask, cache=cache)  # (N, C-1, V)
+    for j, (g, r, c) in enumerate(conts):
+        logits = first[g][None] if rest is None else torch.cat([first[g][None], rest[j, :len(c) - 1]], 0)  # (len(c), V)
+        results[r] = _continuation_score(logits, torch.tensor(c, device=device))
 
 
 def score_choice_task(model, tokenizer, items: list[ChoiceItem], *, batch_size: int = 16,

@@ -75,3 +75,40 @@ def test_item_count_per_builtin_task(ckpt, tiny_dataset):
             parse_tasks(bad)
     res = evaluate_checkpoint(ckpt, ["next-line:7"], data=tiny_dataset, cfg=SuiteConfig(items=3))
     assert res["tasks"]["next-line"]["items"] == 7 and "next_line_acc" in res["summary"]
+
+
+def test_lm_scores_the_same_tokens_whichever_tasks_run_beside_it(ckpt, tiny_dataset, tmp_path):
+    """`--tasks lm` and `--tasks lm,next-line` used to score different token counts (the whole split vs the
+    first 65,536 tokens) and the suite ignored --split and --precision: one scoring function now serves both."""
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    results = []
+    for tasks in ("lm", "lm,next-line:2"):
+        out = tmp_path / f"{len(results)}.json"
+        r = CliRunner().invoke(app, ["eval", str(ckpt), "--data", str(tiny_dataset), "--tasks", tasks, "--split",
+                                     "train", "--seq-len", "64", "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        res = json.loads(out.read_text())
+        results.append(res if tasks == "lm" else res["tasks"]["lm"])
+    train_tokens = len(open_dataset(tiny_dataset).split("train"))
+    assert results[0]["tokens"] == results[1]["tokens"] == min(train_tokens - 1, SuiteConfig().max_tokens)
+    assert results[0]["bits_per_byte"] == results[1]["bits_per_byte"]
+    assert results[0]["bytes"] == results[1]["bytes"]
+
+
+def test_progress_hook_totals_match_the_work(ckpt, tiny_dataset):
+    bars = {}
+
+    def hook(description, total):
+        bars[description] = [total, 0]
+
+        def advance(n):
+            bars[description][1] += n
+        return advance
+
+    evaluate_checkpoint(ckpt, ["lm", "next-line:3"], data=tiny_dataset, cfg=SuiteConfig(max_tokens=300, seq_len=64),
+                        progress=hook)
+    assert bars and all(total == done > 0 for total, done in bars.values()), bars
+    assert any(d.startswith("next-line") for d in bars) and bars["lm (val bits/byte)"][0] == 5  # ceil(300 / 64)

@@ -74,6 +74,30 @@ def test_a_long_context_is_cut_from_the_left(model, tok):
     assert ll == pytest.approx(hand_loglikelihood(model, ctx[-63:], tok.encode(" y").ids), abs=1e-4)
 
 
+def test_batched_choice_scoring_equals_one_request_at_a_time(model, tok):
+    """Shared-context batches (a context prefilled once, its cache repeated per choice, left-padded contexts
+    and right-padded choices in one forward) give the scores of unbatched, unpadded forwards."""
+    bos = model.config.bos_token_id
+    items = [ChoiceItem("def add(a, b):\n", ["    return a + b", "    pass", "x", "    return sum([a, b, 0, 0])"], 0),
+             ChoiceItem("import", [" os", " sys.path as p"], 0),
+             ChoiceItem("for i in range(10):\n    total += i\n", ["print(total)", "    break"], 0),
+             ChoiceItem("x = 1 " * 20, [" + 2", " - y * 3 + z"], 0),  # context cut: scored as plain rows
+             ChoiceItem("#", [" a comment", "!"], 0)]
+    requests = [encode_pair(tok, it.context, c) for it in items for c in it.choices]
+    one_by_one = [loglikelihoods(model, [r], batch_size=1, bos_id=bos, share_context=False)[0] for r in requests]
+    seen = []
+    for batch_size in (1, 3, 16):
+        got = loglikelihoods(model, requests, batch_size=batch_size, bos_id=bos, progress=seen.append)
+        for (ll, greedy), (ref, ref_greedy) in zip(got, one_by_one):
+            assert abs(ll - ref) < 1e-5 and greedy == ref_greedy
+        assert sum(seen) == len(requests)
+        seen.clear()
+    for (ctx, cont), (ref, _) in zip(requests, one_by_one):  # and the unbatched path is the hand-computed one
+        prefix = [bos] + ctx
+        if len(prefix) + len(cont) <= 65:
+            assert ref == pytest.approx(hand_loglikelihood(model, prefix, cont), abs=1e-4)
+
+
 def test_rouge_l():
     assert rouge_l("the cat sat", "the cat sat") == 1.0
     assert rouge_l("a b c d", "x y") == 0.0
