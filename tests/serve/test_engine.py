@@ -206,16 +206,24 @@ def test_leaving_a_stream_early_stops_its_decoding(model, tokenizer):
 
 def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):
     with Engine(model, tokenizer, max_concurrent=1, max_waiting=1) as eng:
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        running = eng.submit(EngineRequest(eng.encode("x"), greedy(120)), events.put)
-        assert isinstance(events.get(timeout=10), Delta)  # holds the only slot
-        waiting = eng.submit(EngineRequest(eng.encode("The quick"), greedy(5)), lambda ev: None)
-        assert eng.stats()["waiting"] == 1
-        waiting.cancel()
-        assert eng.stats()["waiting"] == 0  # not when a slot frees up for it
-        third: queue.SimpleQueue = queue.SimpleQueue()
-        eng.submit(EngineRequest(eng.encode("y"), greedy(3)), third.put)  # the queue has room: no EngineBusy
-        running.cancel()
+        holding, release = threading.Event(), threading.Event()
+
+        def hold(ev):  # the scheduler waits here: the running request holds the only slot until released
+            holding.set()
+            release.wait(30)
+
+        running = eng.submit(EngineRequest(eng.encode("x"), greedy(120)), hold)
+        try:
+            assert holding.wait(10)
+            waiting = eng.submit(EngineRequest(eng.encode("The quick"), greedy(5)), lambda ev: None)
+            assert eng.stats()["waiting"] == 1
+            waiting.cancel()
+            assert eng.stats()["waiting"] == 0  # not when a slot frees up for it
+            third: queue.SimpleQueue = queue.SimpleQueue()
+            eng.submit(EngineRequest(eng.encode("y"), greedy(3)), third.put)  # the queue has room: no EngineBusy
+        finally:
+            running.cancel()
+            release.set()
         assert isinstance(until_done(third)[-1], Finished)
 
 
