@@ -1,4 +1,4 @@
-"""`slm export hf|gguf` and `slm import hf`: checkpoints to and from Hugging Face and llama.cpp formats."""
+"""`slm export hf|gguf` and `slm import hf|gguf`: checkpoints to and from Hugging Face and llama.cpp formats."""
 
 from __future__ import annotations
 

@@ -253,7 +253,7 @@ def _config(meta: dict[str, Any], arch: str, tensors: dict, vocab: GGUFVocabular
 def _f32(x: float) -> float:
     """GGUF stores these as float32: 1e-5 arrives as 9.999999747e-06. Keep the shortest decimal that is the
     same float32, which is what the original config said."""
-    return float(repr(np.float32(x)))
+    return float(str(np.float32(x)))
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict, config: ModelConfig, src: Path) -> dict | None:
@@ -294,6 +294,11 @@ def _llama3_scaling(divisors: np.ndarray, config: ModelConfig, original: int | N
             candidates.append((low, low + original / a, float(original)))
         if b < 0:
             candidates.append((1.0, 1.0 - 1.0 / b, -a / b))
+    if mid.any():  # Llama 3's band factors (1, 4): one blended frequency fixes the original context
+        s = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
+        candidates.append((1.0, 4.0, float(np.mean((3 * s + 1) * wavelen[mid]))))
+    else:  # no blended frequency: any original context between the two bands computes the same divisors
+        candidates.append((1.0, 4.0, 4 * float(wavelen[divisors < 1 + 1e-6].max(initial=0.0)) + 1))
     for orig in ([original] if original else []) + [config.max_position_embeddings, 8192]:
         candidates.append((1.0, 4.0, float(orig)))
     for low, high, orig in candidates:
@@ -349,7 +354,8 @@ def _check_tensors(reader, tensors: dict, config: ModelConfig, arch: str, src: P
         qtype = t.tensor_type.name
         if qtype not in TENSOR_TYPES:
             raise GGUFImportError(f"{src}: tensor {name} is stored as {qtype}, which is not supported; supported: "
-                                  f"{', '.join(TENSOR_TYPES)}. Re-quantize the model with llama-quantize to one of them")
+                                  f"{', '.join(TENSOR_TYPES)}. Re-quantize the model with llama-quantize to one of "
+                                  "them")
         got = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
         while len(got) > len(shape) and got[0] == 1:
             got = got[1:]

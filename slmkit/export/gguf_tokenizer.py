@@ -6,12 +6,12 @@ text into words before BPE runs. llama.cpp (llama-vocab.cpp) maps each name to a
 same split is built here from `tokenizers` pre-tokenizers, so the rebuilt tokenizer produces the ids llama.cpp
 produces, which are the ids the model was trained on:
 
-| `pre`                           | llama.cpp's split                                            | here                                  |
-|---------------------------------|--------------------------------------------------------------|---------------------------------------|
-| `gpt-2`                         | GPT-2's regex                                                | ByteLevel(use_regex)                  |
-| `llama-bpe` (`llama3`, `llama-v3`) | the Llama-3 regex; whole words found in the vocabulary skip BPE | Split(Llama-3 regex), ByteLevel, BPE(ignore_merges) |
-| `qwen2`                         | the Qwen2 regex (single digits)                              | Split(Qwen2 regex), ByteLevel         |
-| `smollm`                        | `\\p{N}` (every digit alone), then GPT-2's regex              | Split(\\p{N}), ByteLevel(use_regex)    |
+- `gpt-2`: GPT-2's regex -> ByteLevel(use_regex=True).
+- `llama-bpe` (also `llama3`, `llama-v3`): the Llama-3 regex, and a whole word found in the vocabulary is
+  emitted without merging -> Split(Llama-3 regex), ByteLevel, BPE(ignore_merges=True). llama.cpp also
+  prepends bos for this name unless the file says otherwise.
+- `qwen2`: the Qwen2 regex (digits one at a time) -> Split(Qwen2 regex), ByteLevel.
+- `smollm`: `\\p{N}` (every digit alone), then GPT-2's regex -> Split(\\p{N}), ByteLevel(use_regex=True).
 
 `smollm` is the split of SmolLM's own tokenizer.json (Digits(individual_digits) + ByteLevel), which llama.cpp
 shares with StarCoder. transformers' GGUF loader (5.x) gives `smollm` files GPT-2's split without the digit
