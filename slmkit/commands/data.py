@@ -24,6 +24,11 @@ def data(
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Mask e-mails, phones, IPs, card numbers, API keys."),
     tokenizer: Optional[Path] = typer.Option(None, help="Reuse this tokenizer.json (or a directory with one)."),
     max_bytes: Optional[int] = typer.Option(None, help="Stop after this many bytes of documents (quick runs)."),
+    max_file_bytes: int = typer.Option(64 * 2**20, help="Skip files larger than this (JSONL: records), counted "
+                                                        "as 'too large'. Default 64 MiB."),
+    include_hidden: bool = typer.Option(False, "--include-hidden",
+                                        help="Read hidden files (.env, .npmrc...) found in directories; skipped by "
+                                             "default. Hidden directories are never walked; name one to read it."),
 ):
     """Build a dataset directory: cleaned documents, a byte-level BPE tokenizer and token shards.
 
@@ -32,11 +37,13 @@ def data(
         slm data --out runs/ds                          # the default domain
         slm data docs/ src/ 'notes/**/*.md' --out runs/ds --scrub-pii
         slm data tickets.jsonl --text-field body --out runs/ds --tokenizer teacher/
+        slm data repo/ repo/.github --out runs/ds --include-hidden --max-file-bytes 200000000
     """
     from ..data import build_dataset
 
     meta = build_dataset(list(sources or []), out, text_field=text_field, vocab_size=vocab_size,
-                         val_fraction=val_fraction, scrub_pii=scrub_pii, tokenizer=tokenizer, max_bytes=max_bytes)
+                         val_fraction=val_fraction, scrub_pii=scrub_pii, tokenizer=tokenizer, max_bytes=max_bytes,
+                         max_file_bytes=max_file_bytes, include_hidden=include_hidden)
     table = Table(title=f"dataset {out}")
     table.add_column("split")
     for c in ("documents", "bytes", "tokens"):

@@ -22,7 +22,7 @@ from . import clean as _clean
 from ._io import write_bytes, write_json
 from .errors import DataError
 from .shards import DEFAULT_SHARD_TOKENS, FORMAT, ShardWriter, token_dtype
-from .sources import DEFAULT_SOURCE_LABEL, SkipLog, iter_documents
+from .sources import DEFAULT_MAX_FILE_BYTES, DEFAULT_SOURCE_LABEL, SkipLog, iter_documents
 from .tokenizer import (
     MIN_VOCAB_SIZE,
     encode_documents,
@@ -80,11 +80,12 @@ def _clear_previous(out: Path) -> None:
 
 
 def _spool_documents(
-    sources, out: Path, *, text_field, scrub_pii, max_bytes, val_fraction, progress
+    sources, out: Path, *, text_field, scrub_pii, max_bytes, val_fraction, progress, max_file_bytes, include_hidden
 ) -> dict:
     """Pass 1: read, clean, dedup, scrub and split; write one JSON line per kept document."""
     skips = SkipLog()
-    docs = iter_documents(sources, skips, text_field=text_field)  # raises now for missing sources
+    docs = iter_documents(sources, skips, text_field=text_field, max_file_bytes=max_file_bytes,
+                          include_hidden=include_hidden)  # raises now for missing sources
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
     dedup = _clean.Deduplicator()
@@ -197,11 +198,15 @@ def build_dataset(
     progress: bool = True,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     model_max_length: int = 2048,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    include_hidden: bool = False,
 ) -> dict:
     """Build a token dataset in ``out`` from ``sources`` (``[]``: the default domain); return its meta.
 
     ``out`` gets ``tokenizer.json``, ``tokenizer_config.json``, ``train/*.bin``, ``val/*.bin`` and,
     last, ``meta.json``. ``shard_tokens`` caps tokens per shard file (small values are for tests).
+    Files over ``max_file_bytes`` are skipped ("too large"), and hidden files inside directories are skipped
+    ("hidden") unless ``include_hidden`` (see ``sources``).
     """
     from slmkit import __version__
 
@@ -212,6 +217,8 @@ def build_dataset(
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     if max_bytes is not None and max_bytes <= 0:
         raise DataError(f"max_bytes={max_bytes} must be positive (or None for no limit)")
+    if max_file_bytes <= 0:
+        raise DataError(f"max_file_bytes={max_file_bytes} must be positive")
     if tokenizer is not None:
         tokenizer_file(tokenizer)  # fail before reading the corpus
     elif vocab_size < MIN_VOCAB_SIZE:  # fail before reading the corpus, not after
@@ -219,7 +226,8 @@ def build_dataset(
 
     stats = _spool_documents(
         sources, out, text_field=text_field, scrub_pii=scrub_pii, max_bytes=max_bytes,
-        val_fraction=val_fraction, progress=_progress(progress),
+        val_fraction=val_fraction, progress=_progress(progress), max_file_bytes=max_file_bytes,
+        include_hidden=include_hidden,
     )
     try:
         skips: SkipLog = stats["skips"]
@@ -273,6 +281,8 @@ def build_dataset(
         "split_rule": "val if int.from_bytes(sha256(id)[:8], 'big') / 2**64 < val_fraction",
         "text_field": text_field,
         "max_bytes": max_bytes,
+        "max_file_bytes": max_file_bytes,
+        "include_hidden": include_hidden,
         "truncated": stats["truncated"],
         "vocab_size_requested": vocab_size if tokenizer is None else None,
         "min_frequency": min_frequency if tokenizer is None else None,

@@ -137,3 +137,50 @@ def test_default_domain_small(tmp_path):
     for name in ("train", "val"):
         s = ds.split(name)
         assert int(lengths[s.window(0, len(s))].sum()) == s.bytes
+
+
+def _corpus_with_secrets_and_a_dump(root):
+    from tests.data.conftest import CODE, PROSE
+
+    root.mkdir()
+    (root / "code.py").write_text(CODE)
+    (root / "notes.md").write_text(PROSE * 4)
+    (root / ".env").write_text("DATABASE_PASSWORD=hunter2\n" + PROSE)
+    with open(root / "dump.txt", "wb") as f:  # text head, then a 1 GiB hole: no disk, no memory
+        f.write(PROSE.encode() * 100)
+        f.truncate(2**30)
+    return root
+
+
+def test_slm_data_skips_hidden_and_large_files_and_its_flags_include_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    src = _corpus_with_secrets_and_a_dump(tmp_path / "src")
+    common = ["data", str(src), "--vocab-size", "300", "--val-fraction", "0"]
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["skipped_counts"] == {"hidden": 1, "too large": 1} and meta["documents"] == 2
+    assert "hidden: 1" in r.output and "too large: 1" in r.output
+    assert "hunter2" not in (tmp_path / "a" / "tokenizer.json").read_text()
+
+    # notes.md (~700 bytes) is over a 500-byte limit; code.py and .env are under it
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--include-hidden",
+                                 "--max-file-bytes", "500"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["skipped_counts"] == {"too large": 2} and meta["documents"] == 2
+    assert meta["include_hidden"] is True and meta["max_file_bytes"] == 500
+
+
+def test_slm_data_default_file_limit_is_the_library_default():
+    import inspect
+
+    from slmkit.commands.data import data
+    from slmkit.data.sources import DEFAULT_MAX_FILE_BYTES
+
+    assert inspect.signature(data).parameters["max_file_bytes"].default.default == DEFAULT_MAX_FILE_BYTES
+    with pytest.raises(DataError, match="max_file_bytes=-1"):
+        build_dataset([], "unused", max_file_bytes=-1)

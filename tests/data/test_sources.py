@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -71,3 +72,104 @@ def test_default_domain_excludes_tests():
     skips = SkipLog()
     first = next(iter(iter_documents([], skips)))
     assert first.id.startswith("pydoc/")
+
+
+# -- flat memory: size limit and a head-only binary sniff ------------------------------------------------------
+
+def _sparse(path, size, head=b""):
+    """A file of `size` bytes that takes no disk: `head`, then a hole (zeros) up to `size`."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    return path
+
+
+def _peak_bytes_while(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_file_over_the_size_limit_is_skipped_as_too_large(tmp_path):
+    from slmkit.data.sources import DEFAULT_MAX_FILE_BYTES
+
+    (tmp_path / "small.md").write_text("kept\n")
+    # Text for the first 8 KiB (so the binary sniff alone would not catch it), then a hole past the limit.
+    _sparse(tmp_path / "dump.sql", DEFAULT_MAX_FILE_BYTES + 1, b"INSERT INTO t VALUES (1);\n" * 400)
+    skips = SkipLog()
+    docs = {d.id for d in iter_documents([str(tmp_path)], skips)}
+    assert docs == {"small.md"} and skips.counts == {"too large": 1}
+    (entry,) = skips.entries
+    assert entry["path"].endswith("dump.sql") and "--max-file-bytes" in entry["detail"]
+
+    skips = SkipLog()  # the limit is the caller's
+    docs = {d.id for d in iter_documents([str(tmp_path)], skips, max_file_bytes=4)}
+    assert docs == set() and skips.counts == {"too large": 2}
+    with pytest.raises(DataError, match="max_file_bytes=0"):
+        iter_documents([str(tmp_path)], SkipLog(), max_file_bytes=0)
+
+
+def test_a_huge_file_is_never_read(tmp_path):
+    _sparse(tmp_path / "disk.img", 8 * 2**30, b"looks like text\n" * 1000)  # 8 GiB, no disk used
+    skips = SkipLog()
+    docs, peak = _peak_bytes_while(lambda: list(iter_documents([str(tmp_path)], skips)))
+    assert docs == [] and skips.counts == {"too large": 1} and peak < 2**20
+
+
+def test_the_binary_sniff_reads_only_the_head(tmp_path):
+    _sparse(tmp_path / "zeros.db", 48 * 2**20)  # under the size limit, NUL from the first byte
+    skips = SkipLog()
+    docs, peak = _peak_bytes_while(lambda: list(iter_documents([str(tmp_path)], skips)))
+    assert docs == [] and skips.counts == {"binary": 1} and peak < 2**20
+
+
+def test_a_jsonl_record_over_the_limit_is_skipped_without_holding_it(tmp_path):
+    records = [{"text": "short one"}, {"text": "x" * 5000}, {"text": "short two"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    skips = SkipLog()
+    docs = [d.text for d in iter_documents([str(tmp_path / "r.jsonl")], skips, max_file_bytes=1000)]
+    assert docs == ["short one", "short two"]
+    assert skips.counts == {"too large": 1} and skips.entries[0]["path"].endswith("r.jsonl:2")
+
+
+# -- privacy: hidden files ---------------------------------------------------------------------------------
+
+def _repo_with_secrets(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "README.md").write_text("# project\n")
+    (root / "sub" / "code.py").write_text("x = 1\n")
+    (root / ".env").write_text("AWS_SECRET_ACCESS_KEY=abc\n")
+    (root / ".netrc").write_text("machine example.com login me password hunter2\n")
+    (root / "sub" / ".npmrc").write_text("//registry.npmjs.org/:_authToken=npm_abc\n")
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("[core]\n")
+    return root
+
+
+def test_hidden_files_are_skipped_and_counted(tmp_path):
+    root = _repo_with_secrets(tmp_path / "repo")
+    skips = SkipLog()
+    docs = {d.id for d in iter_documents([str(root)], skips)}
+    assert docs == {"README.md", "sub/code.py"}
+    assert skips.counts == {"hidden": 4}  # three files and the .git directory
+    assert {e["path"].rsplit("/", 1)[-1] for e in skips.entries} == {".env", ".netrc", ".npmrc", ".git"}
+
+
+def test_include_hidden_reads_hidden_files_but_not_hidden_directories(tmp_path):
+    root = _repo_with_secrets(tmp_path / "repo")
+    skips = SkipLog()
+    docs = {d.id for d in iter_documents([str(root)], skips, include_hidden=True)}
+    assert docs == {"README.md", "sub/code.py", ".env", ".netrc", "sub/.npmrc"}
+    assert skips.counts == {"hidden": 1} and skips.entries[0]["path"].endswith(".git")
+
+
+def test_a_hidden_path_named_explicitly_is_read(tmp_path):
+    root = _repo_with_secrets(tmp_path / "repo")
+    skips = SkipLog()
+    docs = {d.id for d in iter_documents([str(root / ".env"), str(root / ".git")], skips)}
+    assert docs == {".env", "config"} and not skips.counts
