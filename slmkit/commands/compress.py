@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import err_console, out_console
@@ -71,6 +72,8 @@ def compress(
         tok = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
         table.add_row(r["pass"], f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", bpb, tok,
                       f"{r['seconds']:.1f}")
+        for note in r.get("notes", []):  # per-layer deviations from the pass's format (quant.int4 fallbacks)
+            table.add_row(f"  [dim]{escape(note)}[/]", "", "", "", "", "", "")
         err_console.print(f"[dim]{r['pass']}: done[/]")
 
     run_compress(ckpt, out, specs, data=data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,

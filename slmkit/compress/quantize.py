@@ -12,6 +12,10 @@ plain `nn.Linear` modules and pruned `SparseLinear` ones (quantize after pruning
 exact zero in both formats); modules of other types under a target name (e.g. low-rank factors) are skipped
 and listed in the report. `lm_head` may be a target only when it is not tied to the input embeddings.
 
+`quant.int4` falls back per layer where `group_size` does not divide the input width: to the largest power of
+two >= 16 below it that does, else to int8 (weight_only) for that layer; each fallback is listed in the
+report (`fallbacks`, `notes`) and replayed exactly on load. `quant.gptq` still refuses such a layer.
+
 `embeddings=true` (quant.int8 / quant.int4 only) also quantizes the vocabulary matrix, round-to-nearest in
 the pass's format (int4: groups of `group_size` along hidden_size, which it must divide):
 - tied embeddings: `model.embed_tokens` becomes a `QuantizedEmbedding` holding the one packed (V, d) table
@@ -42,6 +46,11 @@ from .qlinear import (INT4_QMAX, INT8_KERNELS, INT8_QMAX, QUANTIZED_LINEARS, Int
                       QuantizedEmbedding, TiedQuantizedHead, int4_params, int8_scales, quantize_int4, quantize_int8)
 
 GROUP_SIZES = (32, 64, 128)
+# Per-layer fallbacks of quant.int4 (RTN) when `group_size` does not divide a layer's input width (SmolLM2's
+# 576 with 128, a 176-wide MLP with 32): the largest power of two >= 16 below it that divides the width, else
+# int8 for that layer. llama.cpp's quantizer does the same per tensor (a k-quant whose 256-wide block does not
+# fit a row falls back to a type whose block does), so one odd layer never refuses the whole model.
+FALLBACK_GROUP_SIZES = (128, 64, 32, 16)
 ALLOWED_TARGETS = (*PROJECTIONS, "lm_head")
 KERNEL_CHOICES = ("auto", *INT8_KERNELS)
 DEFAULT_INT8_KERNEL = "dynamic"  # what kernel=auto means for int8: the measured trade-off is in README.md
@@ -164,12 +173,34 @@ class GPTQConfig(_QuantConfig):
 
 # -- finding targets ----------------------------------------------------------------------------------------
 
-def find_quant_targets(model: nn.Module, cfg: _QuantConfig) -> tuple[dict[str, nn.Linear], list[dict]]:
+def int4_layer_format(in_features: int, group_size: int) -> tuple[int, int | None]:
+    """(bits, group size) a layer of this input width gets under int4 with `group_size`: the group itself if
+    it divides the width, else the largest of FALLBACK_GROUP_SIZES below it that does, else (8, None)."""
+    for g in (group_size, *(g for g in FALLBACK_GROUP_SIZES if g < group_size)):
+        if in_features % g == 0:
+            return 4, g
+    return 8, None
+
+
+def _fallback_record(name: str, in_features: int, group_size: int) -> dict | None:
+    bits, group = int4_layer_format(in_features, group_size)
+    if bits == 4 and group == group_size:
+        return None
+    why = f"group_size={group_size} does not divide in_features={in_features}"
+    if bits == 4:
+        return {"bits": 4, "group_size": group, "reason": why, "note": f"{name}: int4 with group_size={group} ({why})"}
+    return {"bits": 8, "kernel": "weight_only", "reason": why,
+            "note": f"{name}: int8 per channel (no group size >= 16 divides in_features={in_features})"}
+
+
+def find_quant_targets(model: nn.Module, cfg: _QuantConfig, *, group_fallback: bool = False
+                       ) -> tuple[dict[str, nn.Linear], list[dict]]:
     """({name: Linear} to quantize, [skipped modules]); validates everything before any weight changes.
 
     With `embeddings=true` and tied embeddings, `lm_head` is never a Linear target (the tied table is
-    quantized by `_quantize_tied_embeddings`); untied, `lm_head` joins the targets."""
-    plan = embedding_plan(model, cfg)
+    quantized by `_quantize_tied_embeddings`); untied, `lm_head` joins the targets. With `group_fallback`,
+    a layer whose width `group_size` does not divide is kept (see `int4_layer_format`) instead of refused."""
+    plan = embedding_plan(model, cfg, group_fallback=group_fallback)
     wanted = set(cfg.targets) | ({"lm_head"} if plan == "untied" else set())
     if plan == "tied":
         wanted.discard("lm_head")
@@ -190,9 +221,10 @@ def find_quant_targets(model: nn.Module, cfg: _QuantConfig) -> tuple[dict[str, n
                             "(tie_word_embeddings=true); quantizing it would change the embeddings too — drop "
                             "lm_head from targets, or set embeddings=true to quantize the tied matrix once")
         g = cfg.group
-        if g is not None and module.in_features % g:
+        if g is not None and module.in_features % g and not group_fallback:
             raise PassError(f"{cfg.pass_name}: group_size={g} does not divide in_features={module.in_features} of "
-                            f"{name}; choose a group_size dividing it, or drop {name.rsplit('.', 1)[-1]} from targets")
+                            f"{name}; choose a group_size dividing it, drop {name.rsplit('.', 1)[-1]} from targets, "
+                            "or use quant.int4 (round-to-nearest), which falls back per layer")
         found[name] = module
     if not found and plan != "tied":
         raise PassError(f"{cfg.pass_name}: targets={list(cfg.targets)} matched no nn.Linear in the model")
@@ -203,7 +235,7 @@ def _is_tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
-def embedding_plan(model: nn.Module, cfg: _QuantConfig) -> str | None:
+def embedding_plan(model: nn.Module, cfg: _QuantConfig, *, group_fallback: bool = False) -> str | None:
     """None (embeddings not asked for), "tied" or "untied"; validates the embedding side of the pass."""
     if not getattr(cfg, "embeddings", False):
         return None
@@ -218,7 +250,7 @@ def embedding_plan(model: nn.Module, cfg: _QuantConfig) -> str | None:
     if not (_is_tied(model) or _is_tied_to_embedding(model, head)):
         return "untied"
     g = cfg.group
-    if g is not None and emb.embedding_dim % g:
+    if g is not None and emb.embedding_dim % g and not group_fallback:
         raise PassError(f"{cfg.pass_name}: group_size={g} does not divide hidden_size={emb.embedding_dim} of the "
                         "tied embeddings (embeddings=true); choose a group_size dividing it, or set embeddings=false")
     return "tied"
@@ -261,31 +293,46 @@ def _quantized_module(linear: nn.Linear, cfg: _QuantConfig, codes: torch.Tensor,
 # -- round to nearest --------------------------------------------------------------------------------------
 
 def _apply_rtn(model: nn.Module, cfg: _QuantConfig) -> tuple[nn.Module, dict]:
-    targets, skipped = find_quant_targets(model, cfg)
-    plan = embedding_plan(model, cfg)
+    fallback = cfg.group is not None  # int4 RTN: per-layer fallbacks instead of refusing the model
+    targets, skipped = find_quant_targets(model, cfg, group_fallback=fallback)
+    plan = embedding_plan(model, cfg, group_fallback=fallback)
     before = {n: _module_bytes(m) for n, m in targets.items()}
     extra: dict[str, Any] = {}
+    fallbacks: dict[str, dict] = {}
     if plan == "tied":
         emb_before = _module_bytes(model.model.embed_tokens)
     elif plan == "untied":
         emb_before = _module_bytes(model.lm_head)
     for name, linear in targets.items():
+        fb = _fallback_record(name, linear.in_features, cfg.group) if fallback else None
+        bits, group = (fb["bits"], fb.get("group_size")) if fb else (cfg.bits, cfg.group)
         with torch.no_grad():
-            new = (Int8Linear.from_linear(linear, cfg.resolved_kernel) if cfg.bits == 8
-                   else Int4Linear.from_linear(linear, cfg.group))
+            new = (Int8Linear.from_linear(linear, fb["kernel"] if fb else cfg.resolved_kernel) if bits == 8
+                   else Int4Linear.from_linear(linear, group))
         new.quantized_by = cfg.pass_name
         set_module(model, name, new)
+        if fb:
+            fallbacks[name] = fb
     if plan == "tied":
+        old = model.model.embed_tokens
+        fb = _fallback_record("model.embed_tokens", old.embedding_dim, cfg.group) if fallback else None
+        bits, group = (fb["bits"], fb.get("group_size")) if fb else (cfg.bits, cfg.group)
         with torch.no_grad():
-            emb = QuantizedEmbedding.from_embedding(model.model.embed_tokens, cfg.bits, cfg.group, cfg.resolved_kernel)
+            emb = QuantizedEmbedding.from_embedding(old, bits, group, fb["kernel"] if fb and bits == 8
+                                                    else cfg.resolved_kernel)
         emb.packed.quantized_by = cfg.pass_name
         _tie_quantized(model, emb)
+        if fb:
+            fallbacks["model.embed_tokens"] = fb
         extra = {"embeddings": "tied", "embedding_modules": ["model.embed_tokens", "lm_head"],
                  "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(emb)}
     elif plan == "untied":
         extra = {"embeddings": "untied", "embedding_modules": ["lm_head"],
                  "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(model.lm_head),
                  "embedding_note": "untied: lm_head quantized as a Linear target; model.embed_tokens stays float"}
+    if fallbacks:  # replayed on load (restructure), listed under the pass's row in `slm compress`
+        extra["fallbacks"] = {n: {k: v for k, v in fb.items() if k != "note"} for n, fb in fallbacks.items()}
+        extra["notes"] = [fb["note"] for fb in fallbacks.values()]
     return model, _report(cfg, "round-to-nearest", before, model, skipped, **extra)
 
 
@@ -297,15 +344,19 @@ def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
     if kernel not in INT8_KERNELS:
         raise PassError(f"{cfg.pass_name}: cannot replay: the recorded report has kernel={kernel!r}; "
                         f"expected one of {list(INT8_KERNELS)} (was slmkit.json edited?)")
+    fallbacks = record.get("fallbacks", {})  # per-layer formats that differ from the pass's (quant.int4)
     for name in record["modules"]:
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear):
             raise PassError(f"{cfg.pass_name}: cannot replay quantization of {name}: it is a {type(old).__name__}")
         kw = dict(device=old.weight.device, dtype=old.weight.dtype)
-        if bits == 8:
-            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, kernel=kernel, **kw)
+        fb = fallbacks.get(name, {})
+        layer_bits, layer_group = fb.get("bits", bits), fb.get("group_size", group)
+        if layer_bits == 8:
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None,
+                             kernel=fb.get("kernel", kernel), **kw)
         else:
-            new = Int4Linear(old.in_features, old.out_features, old.bias is not None, group, **kw)
+            new = Int4Linear(old.in_features, old.out_features, old.bias is not None, layer_group, **kw)
         new.quantized_by = cfg.pass_name
         set_module(model, name, new)
     if record.get("embeddings") == "tied":
@@ -313,7 +364,9 @@ def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
         if not isinstance(old, nn.Embedding):
             raise PassError(f"{cfg.pass_name}: cannot replay quantization of the tied embeddings: "
                             f"model.embed_tokens is a {type(old).__name__}")
-        emb = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, bits, group, kernel=kernel,
+        fb = fallbacks.get("model.embed_tokens", {})
+        emb = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, fb.get("bits", bits),
+                                 fb.get("group_size", group), kernel=fb.get("kernel", kernel),
                                  device=old.weight.device, dtype=old.weight.dtype)
         emb.packed.quantized_by = cfg.pass_name
         _tie_quantized(model, emb)

@@ -146,9 +146,11 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
             tokenizer_dir, val, lengths, calib = follow_vocab_trim(kept, tokenizer_dir or ds.path, scratch.name,
                                                                    val=val, lengths=lengths, calib=calib)
         row = {"pass": spec.name, **measure(model, evaluate, speed=speed), "seconds": seconds}
-        rows.append(row)
         records.append({"name": spec.name, "config": config_to_dict(cfg),
                         "report": {**report, **{k: v for k, v in row.items() if k != "pass"}}})
+        if report.get("notes"):  # e.g. quant.int4's per-layer fallbacks, shown under the pass's row
+            row["notes"] = list(report["notes"])
+        rows.append(row)
         if progress:
             progress(row)
     prov = copy.deepcopy(ck.provenance)

@@ -90,3 +90,48 @@ def test_calibration_needs_data_and_the_same_tokenizer(trained, tmp_path):
     build_dataset([str(corpus)], other, vocab_size=280, val_fraction=0.3, progress=False)
     with pytest.raises(TokenizerMismatchError, match=r"is not the tokenizer dataset .*other was built with"):
         compress(trained, tmp_path / "c", [parse_pass("prune.wanda:sparsity=0.5")], data=other, speed=False)
+
+
+def test_int4_falls_back_per_layer_and_reloads_exactly(tmp_path):
+    """Widths group_size does not divide get the largest power-of-two group >= 16 that does (96 with 64 -> 32),
+    else int8 (200 = 8 x 25); each fallback is reported, and loading replays the same per-layer formats."""
+    from slmkit.checkpoint import save_checkpoint
+    from slmkit.compress.qlinear import Int4Linear, Int8Linear, QuantizedEmbedding
+    from slmkit.model import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    save_checkpoint(CausalLM(cfg), tmp_path / "in")
+    rows = compress(tmp_path / "in", tmp_path / "out", [parse_pass("quant.int4:group_size=64,embeddings=true")],
+                    speed=False)
+    report = load_checkpoint(tmp_path / "out").provenance["passes"][-1]["report"]
+    fb = report["fallbacks"]
+    assert fb["model.layers.0.self_attn.q_proj"]["group_size"] == 32
+    assert fb["model.layers.1.mlp.down_proj"] == {"bits": 8, "kernel": "weight_only",
+                                                   "reason": "group_size=64 does not divide in_features=200"}
+    assert fb["model.embed_tokens"]["group_size"] == 32
+    assert len(fb) == 2 * 7 + 1 and len(rows[-1]["notes"]) == len(fb)
+    assert any("down_proj: int8" in n for n in rows[-1]["notes"])
+
+    loaded = load_checkpoint(tmp_path / "out").model
+    layer = loaded.model.layers[1]
+    assert isinstance(layer.mlp.down_proj, Int8Linear)
+    assert isinstance(layer.mlp.up_proj, Int4Linear) and layer.mlp.up_proj.group_size == 32
+    assert isinstance(loaded.model.embed_tokens, QuantizedEmbedding) and loaded.model.embed_tokens.group_size == 32
+    # save -> load is the identity: the same logits as the model quantized in memory
+    from slmkit.compress.base import get_pass, make_config
+
+    mem = load_checkpoint(tmp_path / "in").model.eval()
+    mem, _ = get_pass("quant.int4").apply(mem, make_config("quant.int4", {"group_size": 64, "embeddings": True}))
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), mem(x))
+        assert torch.equal(loaded(x[:, :1]), mem(x[:, :1]))  # one row: the packed-kernel path
+
+
+def test_int4_without_fallbacks_reports_none(trained, tmp_path):
+    rows = compress(trained, tmp_path / "q", [parse_pass("quant.int4:group_size=32")], speed=False)
+    report = load_checkpoint(tmp_path / "q").provenance["passes"][-1]["report"]
+    assert "fallbacks" not in report and "notes" not in rows[-1]
