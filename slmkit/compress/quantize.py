@@ -188,9 +188,21 @@ def _fallback_record(name: str, in_features: int, group_size: int) -> dict | Non
         return None
     why = f"group_size={group_size} does not divide in_features={in_features}"
     if bits == 4:
-        return {"bits": 4, "group_size": group, "reason": why, "note": f"{name}: int4 with group_size={group} ({why})"}
-    return {"bits": 8, "kernel": "weight_only", "reason": why,
-            "note": f"{name}: int8 per channel (no group size >= 16 divides in_features={in_features})"}
+        return {"bits": 4, "group_size": group, "reason": why}
+    return {"bits": 8, "kernel": "weight_only", "reason": why}
+
+
+def _fallback_notes(fallbacks: dict[str, dict]) -> list[str]:
+    """One line per (format, reason): a 30-layer model's fallbacks read as a few lines, not 180."""
+    grouped: dict[tuple, list[str]] = {}
+    for name, fb in fallbacks.items():
+        fmt = f"int4 group_size={fb['group_size']}" if fb["bits"] == 4 else "int8 per channel (no group >= 16 fits)"
+        grouped.setdefault((fmt, fb["reason"]), []).append(name)
+    notes = []
+    for (fmt, why), names in grouped.items():
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        notes.append(f"{fmt} on {len(names)} module(s) ({', '.join(kinds)}): {why}")
+    return notes
 
 
 def find_quant_targets(model: nn.Module, cfg: _QuantConfig, *, group_fallback: bool = False
@@ -331,8 +343,8 @@ def _apply_rtn(model: nn.Module, cfg: _QuantConfig) -> tuple[nn.Module, dict]:
                  "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(model.lm_head),
                  "embedding_note": "untied: lm_head quantized as a Linear target; model.embed_tokens stays float"}
     if fallbacks:  # replayed on load (restructure), listed under the pass's row in `slm compress`
-        extra["fallbacks"] = {n: {k: v for k, v in fb.items() if k != "note"} for n, fb in fallbacks.items()}
-        extra["notes"] = [fb["note"] for fb in fallbacks.values()]
+        extra["fallbacks"] = fallbacks
+        extra["notes"] = _fallback_notes(fallbacks)
     return model, _report(cfg, "round-to-nearest", before, model, skipped, **extra)
 
 
