@@ -137,3 +137,16 @@ def load_train_state(state_dir: Path, model, opt, extra_modules: torch.nn.Module
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return trainer_state
+
+
+def resumable_total_steps(out: Path) -> int | None:
+    """The planned total steps of the resumable run in `out`, or None when there is none. A resume honours
+    the config's `steps` (a new total extends or shortens the run), so a command whose user did not give
+    --steps passes this value, and leaving the flag out continues the run as planned."""
+    state_dir = find_train_state(out)
+    if state_dir is None:
+        return None
+    try:
+        return int(json.loads((state_dir / "trainer_state.json").read_text())["total_steps"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{state_dir / 'trainer_state.json'}: corrupted (no readable total_steps)") from None

@@ -205,3 +205,13 @@ def test_an_anchored_schedule_is_continuous_and_ends_at_the_floor():
     assert lr_at(39, 300, c, anchor) == lr_at(39, 300, c)  # steps before the anchor keep the old rule
     assert lr_at(300, 300, c, anchor) == pytest.approx(0.1)
     assert lr_at(60, 60, c, anchor) == pytest.approx(0.1)  # shortened: reaches the floor at the new end
+
+
+def test_resumable_total_steps_tells_a_command_the_planned_total(tiny_dataset, tiny_model_yaml, tmp_path):
+    from slmkit.train.state import resumable_total_steps
+
+    out = tmp_path / "m"
+    assert resumable_total_steps(out) is None
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_dataset, tiny_model_yaml, out, cfg(steps=7), on_step_end=_stop_at(3), quiet=True)
+    assert resumable_total_steps(out) == 7
