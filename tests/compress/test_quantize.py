@@ -124,14 +124,23 @@ def test_model_errors_raise_before_any_change(name, options, calib):
     with pytest.raises(PassError, match=rf"{name}: targets .*lm_head.*tied"):
         run_pass(model, name, {**options, "targets": ("q_proj", "lm_head")}, calib)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    # group_size not dividing in_features (down_proj has in_features=96), named with the module
-    if options.get("bits", 8 if name == "quant.int8" else 4) == 4:
+    # group_size not dividing in_features (down_proj has in_features=96): quant.gptq refuses, naming the module;
+    # quant.int4 falls back for that layer alone to the largest power-of-two group >= 16 that divides (32)
+    if name == "quant.gptq" and options.get("bits", 4) == 4:
         model = tiny_model(intermediate_size=96)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(PassError, match=rf"{name}: group_size=64 .*model\.layers\.0\.mlp\.down_proj"):
             run_pass(model, name, {**options, "group_size": 64}, calib)
         assert all(type(m) is not Int4Linear for m in model.modules())
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if name == "quant.int4":
+        model, report, _ = run_pass(tiny_model(intermediate_size=96), name, {**options, "group_size": 64}, calib)
+        down = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+        assert sorted(report["fallbacks"]) == down
+        assert all(report["fallbacks"][n]["group_size"] == 32 for n in down)
+        for n, m in model.named_modules():
+            if isinstance(m, Int4Linear):
+                assert m.group_size == (32 if n in down else 64), n
     # double quantization
     model = tiny_model()
     model, _, _ = run_pass(model, name, options, calib)

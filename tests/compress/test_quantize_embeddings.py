@@ -154,9 +154,13 @@ def test_through_the_driver(tmp_path):
 
 
 def test_errors():
-    with pytest.raises(PassError, match="group_size"):  # 32 does not divide hidden_size=48
-        run_pass(tiny_model(hidden_size=48, num_attention_heads=4, num_key_value_heads=2),
-                 "quant.int4", {"group_size": 32, "embeddings": True, "targets": ("gate_proj",)})
+    # 32 does not divide hidden_size=48: the tied table (and gate_proj) fall back to group 16, on record
+    model, report, _ = run_pass(tiny_model(hidden_size=48, num_attention_heads=4, num_key_value_heads=2),
+                                "quant.int4", {"group_size": 32, "embeddings": True, "targets": ("gate_proj",)})
+    assert report["fallbacks"]["model.embed_tokens"]["group_size"] == 16
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert {n for n in report["fallbacks"]} == {"model.embed_tokens", "model.layers.0.mlp.gate_proj",
+                                                "model.layers.1.mlp.gate_proj"}
     with pytest.raises(PassError, match="embeddings"):
         make_config("quant.gptq", {"embeddings": "true"})
     with pytest.raises(PassError, match="embeddings"):
