@@ -157,3 +157,42 @@ def test_stage_defaults_are_part_of_the_recipe_cache_key():
     finally:
         d.STAGE_TRAIN_DEFAULTS = old
     assert changed != stage_key(spec, {})
+
+
+def _resumable(out: Path, total_steps: int) -> None:
+    """A stand-in for an interrupted run's saved state: only its planned total is read before training."""
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "trainer_state.json").write_text(json.dumps({"step": 2, "total_steps": total_steps}))
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_resume_without_steps_keeps_the_saved_total(monkeypatch, tmp_path, command):
+    out = Path(COMMANDS[command][0][COMMANDS[command][0].index("--out") + 1].format(tmp=tmp_path))
+    _resumable(out, 37)
+    default = COMMANDS[command][3].get("steps", TrainConfig().steps)
+    assert _run(monkeypatch, tmp_path, command, []).steps == default  # no --resume: the default
+    assert _run(monkeypatch, tmp_path, command, ["--resume"]).steps == 37
+    assert _run(monkeypatch, tmp_path, command, ["--resume", "--steps", "6"]).steps == 6
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text("steps: 9\n")
+    assert _run(monkeypatch, tmp_path, command, ["--resume", "--config", str(yaml_file)]).steps == 9
+    yaml_file.write_text("lr: 0.01\n")  # a file without steps leaves the saved total alone
+    assert _run(monkeypatch, tmp_path, command, ["--resume", "--config", str(yaml_file)]).steps == 37
+    (out / "last" / "trainer_state.json").write_text("{")
+    args, target, position, _ = COMMANDS[command]
+    r = CliRunner().invoke(app, [a.format(tmp=tmp_path, ck=_ckpt(tmp_path)) for a in args] + ["--resume"])
+    assert "trainer_state.json" in str(r.exception) and "total_steps" in str(r.exception)
+
+
+def test_resumed_recipe_stage_without_steps_keeps_the_saved_total(tmp_path):
+    from slmkit.pipeline.recipe import Recipe, RunContext
+    from slmkit.pipeline.stages import _train_config
+
+    out = tmp_path / "stage"
+    _resumable(out, 37)
+    ctx = RunContext(Recipe("r", tmp_path, []), {})
+    assert _train_config({}, ctx, out=out).steps == TrainConfig().steps  # a fresh stage: the default
+    ctx.resume = True
+    assert _train_config({}, ctx, out=out).steps == 37
+    assert _train_config({}, ctx, "sft", str(_ckpt(tmp_path)), out).steps == 37
+    assert _train_config({"steps": 6}, ctx, out=out).steps == 6

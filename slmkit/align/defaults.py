@@ -3,7 +3,8 @@ library functions all read them from here, so an option means the same wherever 
 
 Training options are layered the same way everywhere (`stage_train_config`): TrainConfig's own defaults,
 then the stage's defaults below, then a `--config` YAML file, then options given explicitly (command-line
-flags or a recipe stage's `with:`). A later layer wins only for the fields it sets. A default that depends
+flags or a recipe stage's `with:`). A later layer wins only for the fields it sets. On a resume, a run's saved
+total replaces the default `steps` (it stays as planned unless `steps` is given). A default that depends
 on the model (`seq_len`) is capped at the checkpoint's context when no layer above the defaults sets it.
 
 Imports nothing heavy: `slm --help` reads these values to print them.
@@ -92,15 +93,24 @@ def checkpoint_context(ckpt: str | Path | None) -> int | None:
 
 def stage_train_config(stage: str | None = None, *, config_file: str | Path | None = None,
                        explicit: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None,
-                       ckpt: str | Path | None = None, where: str = "options"):
+                       ckpt: str | Path | None = None, where: str = "options",
+                       resume_from: str | Path | None = None):
     """The TrainConfig of a stage: TrainConfig defaults < `base` < the stage's defaults < `config_file` <
     `explicit` (entries that are None count as not given). A context-bound default (seq_len) left to the
-    defaults is capped at the checkpoint's context."""
+    defaults is capped at the checkpoint's context. `resume_from` is the output directory of a run being
+    resumed: when no layer above the defaults sets `steps`, the run keeps its saved total (a resume honours
+    a new total, so taking the default there would silently lengthen or shorten the run)."""
     from ..train import TrainConfig, TrainConfigError
 
     defaults = {**(base or {}), **STAGE_TRAIN_DEFAULTS.get(stage or "", {})}
     given = {**(read_config_file(config_file) if config_file else {}),
              **{k: v for k, v in (explicit or {}).items() if v is not None}}
+    if resume_from is not None and "steps" not in given:
+        from ..train.state import resumable_total_steps
+
+        saved = resumable_total_steps(Path(resume_from))
+        if saved is not None:
+            defaults["steps"] = saved
     values = {**defaults, **given}
     context = checkpoint_context(ckpt)
     for name in CONTEXT_BOUND:

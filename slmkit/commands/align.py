@@ -63,7 +63,7 @@ def sft(
     cfg = train_config(config, stage="sft", ckpt=ckpt, steps=steps, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                        weight_decay=weight_decay, precision=precision, eval_every=eval_every,
-                       save_every=save_every, seed=seed, device=device)
+                       save_every=save_every, seed=seed, device=device, resume_from=out if resume else None)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     result = run_sft(ckpt, list(data), out, cfg, pack=pack, val_fraction=val_fraction, lora=lora, resume=resume)
     stage = json.loads((out / "slmkit.json").read_text())["stages"][-1]
@@ -171,7 +171,7 @@ def dpo(
     cfg = train_config(config, stage="dpo", ckpt=ckpt, steps=steps, batch_size=batch_size,
                        micro_batch_size=micro_batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                        weight_decay=weight_decay, precision=precision, eval_every=eval_every,
-                       save_every=save_every, seed=seed, device=device)
+                       save_every=save_every, seed=seed, device=device, resume_from=out if resume else None)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     result = run_dpo(ckpt, pairs, out, cfg, pref, lora=lora, val_fraction=val_fraction, ref_cache=ref_cache,
                      resume=resume)

@@ -38,12 +38,15 @@ def print_lora_summary(out: Path) -> None:
                           f"{rec['peak_rss_bytes'] / 2**20:,.0f} MiB; adapter -> {Path(out) / rec['adapter']}")
 
 
-def train_config(config, *, stage: str | None = None, ckpt=None, **flags):
+def train_config(config, *, stage: str | None = None, ckpt=None, resume_from=None, **flags):
     """The TrainConfig of a training command: the stage's defaults, then the --config YAML (if any), then the
-    flags the user gave (a flag left at None was not given; see `slmkit.align.defaults.stage_train_config`)."""
+    flags the user gave (a flag left at None was not given; see `slmkit.align.defaults.stage_train_config`).
+    `resume_from`: OUT of a `--resume`, whose saved total steps stand in for the default when --steps (and
+    `steps:` in --config) is not given."""
     from ..align.defaults import stage_train_config
 
-    return stage_train_config(stage, config_file=config, explicit=flags, ckpt=ckpt, where="command-line options")
+    return stage_train_config(stage, config_file=config, explicit=flags, ckpt=ckpt, where="command-line options",
+                              resume_from=resume_from)
 
 
 def default_help(text: str, defaults, name: str, note: str = "") -> str:

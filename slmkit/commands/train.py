@@ -52,7 +52,7 @@ def train(
     cfg = train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
                        eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
-                       device=device)
+                       device=device, resume_from=out if resume else None)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     result = pretrain(data, model, out, cfg, resume=resume, lora=lora)
     last = result.evals[-1] if result.evals else {}
@@ -118,7 +118,7 @@ def distill(
     cfg = train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
                         eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
-                        device=device)
+                        device=device, resume_from=out if resume else None)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     if lora is not None and mode != "logits":
         raise ValueError("--lora-rank works with --mode logits; sequence-level KD trains the whole student")

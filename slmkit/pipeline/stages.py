@@ -55,14 +55,16 @@ class StageKind:
         return self.run(mine, out, ctx, train) if self.trains else self.run(mine, out, ctx)
 
 
-def _train_config(train: dict, ctx: RunContext, stage: str | None = None, ckpt: str | None = None):
+def _train_config(train: dict, ctx: RunContext, stage: str | None = None, ckpt: str | None = None,
+                  out: Path | None = None):
     """The same layering as the command line (`slmkit.align.defaults.stage_train_config`): the stage's
     defaults (sft and dpo have their own), then the options under `with:`; seq_len left to the defaults is
-    capped at the checkpoint's context."""
+    capped at the checkpoint's context; a resumed stage without `steps` keeps its saved total."""
     from ..align.defaults import stage_train_config
 
     return stage_train_config(stage, explicit=train, base={"log_every": 10, "save_every": 100}, ckpt=ckpt,
-                              where=f"{ctx.recipe.source}: {stage or 'training'} stage options")
+                              where=f"{ctx.recipe.source}: {stage or 'training'} stage options",
+                              resume_from=out if ctx.resume and out is not None else None)
 
 
 def _last_eval(result) -> dict:
@@ -158,7 +160,7 @@ def run_train(opts: TrainOptions, out: Path, ctx: RunContext, train: dict) -> di
         spec = out / "model.yaml"
         spec.write_text(yaml.safe_dump(model))
         model = str(spec)
-    result = pretrain(opts.data, model, out, _train_config(train, ctx), resume=ctx.resume, quiet=ctx.quiet)
+    result = pretrain(opts.data, model, out, _train_config(train, ctx, out=out), resume=ctx.resume, quiet=ctx.quiet)
     return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
             "final_loss": result.final_loss, **_last_eval(result)}
 
@@ -191,7 +193,7 @@ def run_distill(opts: DistillOptions, out: Path, ctx: RunContext, train: dict) -
         student = str(spec)
     kd = KDConfig(loss=opts.loss, temperature=opts.temperature, alpha=opts.alpha, beta=opts.beta,
                   on_policy=opts.on_policy, hidden_weight=opts.hidden_weight, layer_map=opts.layer_map)
-    result = distill(opts.teacher, student, opts.data, out, _train_config(train, ctx), kd, cache=opts.cache,
+    result = distill(opts.teacher, student, opts.data, out, _train_config(train, ctx, out=out), kd, cache=opts.cache,
                      resume=ctx.resume, quiet=ctx.quiet)
     return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
             **_last_eval(result)}
@@ -211,8 +213,8 @@ def run_sft(opts: SFTOptions, out: Path, ctx: RunContext, train: dict) -> dict:
     from ..align.sft import sft
 
     data = [opts.data] if isinstance(opts.data, str) else list(opts.data)
-    result = sft(opts.ckpt, data, out, _train_config(train, ctx, "sft", opts.ckpt), pack=opts.pack, val_fraction=opts.val_fraction,
-                 resume=ctx.resume, quiet=ctx.quiet)
+    result = sft(opts.ckpt, data, out, _train_config(train, ctx, "sft", opts.ckpt, out), pack=opts.pack,
+                 val_fraction=opts.val_fraction, resume=ctx.resume, quiet=ctx.quiet)
     return {"steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
             **_last_eval(result)}
 
@@ -258,8 +260,8 @@ def run_dpo(opts: DPOOptions, out: Path, ctx: RunContext, train: dict) -> dict:
     from ..align.preference_losses import PreferenceConfig
 
     pref = PreferenceConfig(loss=opts.loss, beta=opts.beta, label_smoothing=opts.label_smoothing, gamma=opts.gamma)
-    result = dpo(opts.ckpt, opts.pairs, out, _train_config(train, ctx, "dpo", opts.ckpt), pref, val_fraction=opts.val_fraction,
-                 resume=ctx.resume, quiet=ctx.quiet)
+    result = dpo(opts.ckpt, opts.pairs, out, _train_config(train, ctx, "dpo", opts.ckpt, out), pref,
+                 val_fraction=opts.val_fraction, resume=ctx.resume, quiet=ctx.quiet)
     return {"steps": result.steps, "train_seconds": round(result.seconds, 1), **_last_eval(result)}
 
 

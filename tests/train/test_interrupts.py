@@ -215,3 +215,25 @@ def test_resumable_total_steps_tells_a_command_the_planned_total(tiny_dataset, t
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_dataset, tiny_model_yaml, out, cfg(steps=7), on_step_end=_stop_at(3), quiet=True)
     assert resumable_total_steps(out) == 7
+
+
+def test_slm_train_resume_keeps_the_saved_total_unless_steps_is_given(tiny_dataset, tiny_model_yaml, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    config = tmp_path / "train.yaml"  # everything but steps, so --resume decides the total
+    config.write_text(yaml.safe_dump({k: v for k, v in vars(cfg()).items() if k in (
+        "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "save_every", "log_every", "precision",
+        "eval_tokens", "seed")}))
+    for extra, total in (([], 4), (["--steps", "6"], 6)):
+        out = tmp_path / f"m{total}"
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(tiny_dataset, tiny_model_yaml, out, cfg(steps=4), on_step_end=_stop_at(2), quiet=True)
+        r = CliRunner().invoke(app, ["train", "--data", str(tiny_dataset), "--model", str(tiny_model_yaml),
+                                     "--out", str(out), "--config", str(config), "--resume", *extra])
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert f"trained {total} steps" in r.output
+        assert json.loads((out / "last" / "trainer_state.json").read_text())["total_steps"] == total
+        assert records(out)[-1]["step"] == total
