@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..align.defaults import PAIRS_SAMPLING
+from ..data.sources import DEFAULT_MAX_FILE_BYTES
 from ..evaluate.suite import SuiteConfig
 from .recipe import RecipeError, RunContext
 
@@ -83,6 +84,8 @@ class DataOptions:
     scrub_pii: bool = False
     tokenizer: str | None = None
     text_field: str = "text"
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files (JSONL: records) are skipped as 'too large'
+    include_hidden: bool = False  # read hidden files met while walking a directory (.env, .npmrc, ...)
 
 
 def run_data(opts: DataOptions, out: Path, ctx: RunContext) -> dict:
@@ -90,7 +93,8 @@ def run_data(opts: DataOptions, out: Path, ctx: RunContext) -> dict:
 
     meta = build_dataset(list(opts.sources), out, text_field=opts.text_field, vocab_size=opts.vocab_size,
                          val_fraction=opts.val_fraction, scrub_pii=opts.scrub_pii, tokenizer=opts.tokenizer,
-                         max_bytes=opts.max_bytes, progress=not ctx.quiet)
+                         max_bytes=opts.max_bytes, max_file_bytes=opts.max_file_bytes,
+                         include_hidden=opts.include_hidden, progress=not ctx.quiet)
     return {"documents": meta["documents"], "bytes": meta["bytes"], "vocab_size": meta["vocab_size"],
             **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()}}
 

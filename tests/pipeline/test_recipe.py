@@ -125,3 +125,30 @@ def test_bad_recipe_files(tmp_path):
     bad.write_text("stages: []\n")
     with pytest.raises(RecipeError, match="'stages' must be a non-empty list"):
         recipe_mod.load_recipe(bad)
+
+
+def test_data_stage_passes_the_file_limit_and_hidden_files_through(tmp_path):
+    import inspect
+
+    from slmkit.data import build_dataset
+    from slmkit.pipeline.stages import DataOptions
+    from tests.data.conftest import CODE, PROSE
+
+    library = inspect.signature(build_dataset).parameters
+    for name in ("max_file_bytes", "include_hidden"):  # one definition of each default
+        assert getattr(DataOptions(), name) == library[name].default, name
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "code.py").write_text(CODE)
+    (src / "notes.md").write_text(PROSE * 4)  # ~700 bytes
+    (src / ".env").write_text("DATABASE_PASSWORD=hunter2\n" + PROSE)
+    common = {"sources": [str(src)], "vocab_size": 300, "val_fraction": 0}
+    for name, options, counts in (("plain", {}, {"hidden": 1}),
+                                  ("opened", {"include_hidden": True, "max_file_bytes": 500}, {"too large": 1})):
+        r = recipe_from_dict({"name": name, "workdir": str(tmp_path / name), "stages": [
+            {"name": "ds", "kind": "data", "with": {**common, **options}}]}, source=f"{name}.yaml")
+        run_recipe(r, quiet=True, log=lambda _: None)
+        meta = json.loads((tmp_path / name / "ds" / "meta.json").read_text())
+        assert meta["skipped_counts"] == counts and meta["documents"] == 2
+        assert meta["include_hidden"] is options.get("include_hidden", False)
+        assert meta["max_file_bytes"] == options.get("max_file_bytes", library["max_file_bytes"].default)
