@@ -22,8 +22,8 @@ def eval_cmd(
     ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset directory (its held-out split is "
                                                                     "scored by the lm task)."),
-    tasks: str = typer.Option("lm", help="Comma-separated: lm, next-line, function-parse, FILE.jsonl, "
-                                         "FILE.jsonl@VERIFIER."),
+    tasks: str = typer.Option("lm", help="Comma-separated: lm, next-line, function-parse, ood (out-of-domain "
+                                         "prose), FILE.jsonl, FILE.jsonl@VERIFIER."),
     split: str = typer.Option(SUITE.split, help="Dataset split the lm task scores."),
     seq_len: int = typer.Option(SUITE.seq_len, help="Window length of the lm task."),
     max_tokens: Optional[int] = typer.Option(None, help=f"Score at most this many tokens (lm) [default: "
@@ -42,12 +42,14 @@ def eval_cmd(
     Multiple choice is scored by log-likelihood (acc, and acc_norm per byte, as lm-evaluation-harness);
     generation tasks by a verifier (`python-syntax`, `json`, ...) or ROUGE-L against `reference`. The
     built-in `next-line` and `function-parse` tasks come from held-out files of the default domain. The lm
-    task scores the same tokens whichever other tasks run beside it.
+    task scores the same tokens whichever other tasks run beside it. The `ood` task scores English prose
+    outside the domain (licence texts every machine carries), to show what specialisation costs there.
 
     Examples:
 
         slm eval runs/small --data runs/ds --json runs/small/eval.json
         slm eval runs/small --data runs/ds --tasks lm,next-line,function-parse
+        slm eval runs/small --data runs/ds --tasks lm,ood
         slm eval runs/small --tasks mc.jsonl,prompts.jsonl@python-syntax
     """
     from ..evaluate.suite import SuiteConfig, evaluate_checkpoint, parse_tasks
@@ -71,6 +73,9 @@ def eval_cmd(
     for name, r in res["tasks"].items():
         if name == "lm":
             text = f"bits/byte {r['bits_per_byte']:.4f}, ppl {r['perplexity']:.2f}, acc {r['accuracy']:.3f}"
+        elif name == "ood":
+            text = (f"bits/byte {r['bits_per_byte']:.4f} on {r['bytes']:,} bytes of prose outside the domain "
+                    f"({', '.join(Path(f['path']).name for f in r['files'])})")
         elif "acc" in r:
             text = f"acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} (chance {r['chance']:.3f})"
         else:
@@ -209,7 +214,7 @@ def select(
     teacher: Optional[Path] = typer.Option(None, help="Teacher for KD recovery (default: the base) and shown "
                                                       "as a reference."),
     budget: Optional[str] = typer.Option(None, help='Constraints, e.g. "bytes<=20MB,decode_ms<=5,bpb<=1.6".'),
-    objective: str = typer.Option("bpb", help="Quality to optimise: bpb, next_line, parse_rate, accuracy."),
+    objective: str = typer.Option("bpb", help="Quality to optimise: bpb, next_line, parse_rate, accuracy, ood_bpb."),
     tasks: str = typer.Option("lm", help="Eval tasks measured for every candidate (see slm eval)."),
     plan: Optional[List[str]] = typer.Option(None, "--plan", help="NAME=PASS+PASS[+recover+PASS]; repeatable. "
                                                                  "Default: a built-in set."),

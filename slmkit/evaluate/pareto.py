@@ -33,6 +33,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "decode_tok_s_b8": ("decode_tok_s_b8", "max"),
     "bpb": ("bits_per_byte", "min"),
     "bits_per_byte": ("bits_per_byte", "min"),
+    "ood_bpb": ("ood_bits_per_byte", "min"),
+    "ood_bits_per_byte": ("ood_bits_per_byte", "min"),
     "perplexity": ("perplexity", "min"),
     "accuracy": ("accuracy", "max"),
     "next_line": ("next_line_acc", "max"),

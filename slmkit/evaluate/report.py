@@ -24,6 +24,7 @@ COLUMNS = [  # (field, header, format)
     ("ttft_ms", "TTFT ms", lambda v: f"{v:.1f}"),
     ("peak_rss_bytes", "peak RSS", lambda v: _bytes(v)),
     ("bits_per_byte", "bits/byte", lambda v: f"{v:.4f}"),
+    ("ood_bits_per_byte", "bits/byte (out of domain)", lambda v: f"{v:.4f}"),
     ("next_line_acc", "next-line acc", lambda v: f"{v:.1%}"),
     ("parse_rate", "parse rate", lambda v: f"{v:.1%}"),
 ]

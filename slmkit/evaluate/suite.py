@@ -7,6 +7,10 @@ Task names:
 - `function-parse`: built in, default domain — complete a held-out function from its signature (and
   docstring, where it has one); the pass rate is the fraction whose completion parses (`python-syntax`
   verifier). These are the `eval` half of the functions; `slm pairs --prompts default` uses the other half;
+- `ood`: bits per byte on English prose outside the domain that every machine carries (licence texts of the
+  Python installation and `/usr/share/common-licenses`; see `slmkit.evaluate.ood`): what specialisation
+  costs elsewhere. `ood:N` scores the first N bytes of that text (default 65536), the same bytes for every
+  tokenizer;
 - `PATH.jsonl`: a task file (multiple choice or generation, see `slmkit.evaluate.tasks`); a generation file
   is scored with ROUGE-L against `reference`, or with a verifier given after `@`:
   `prompts.jsonl@python-syntax`, `api.jsonl@json:schema=schema.json`.
@@ -36,7 +40,7 @@ def _task_error(message: str) -> ValueError:
 
     return TaskError(message)
 
-BUILTIN_TASKS = ("lm", "next-line", "function-parse")
+BUILTIN_TASKS = ("lm", "next-line", "function-parse", "ood")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,17 @@ def score_lm(model, data, cfg: SuiteConfig, progress=None) -> dict:
                        progress=advance)
 
 
+def score_ood_task(model, tokenizer, name: str, cfg: SuiteConfig, progress=None) -> dict:
+    """The `ood` task (`ood:N`: the first N bytes of the prose): bits per byte outside the domain."""
+    import torch
+
+    from .ood import DEFAULT_MAX_BYTES, score_ood
+
+    count = name.partition(":")[2]
+    return score_ood(model, tokenizer, seq_len=cfg.seq_len, max_bytes=int(count) if count else DEFAULT_MAX_BYTES,
+                     autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, progress=progress)
+
+
 def parse_tasks(text: str | list[str] | None) -> list[str]:
     if text is None:
         return ["lm"]
@@ -90,7 +105,8 @@ def parse_tasks(text: str | list[str] | None) -> list[str]:
             raise _task_error(f"unknown task {t!r}: use {', '.join(BUILTIN_TASKS)} (NAME:N for N items) or a .jsonl "
                             "task file (optionally FILE.jsonl@VERIFIER)")
         if count and (name == "lm" or not count.isdigit() or int(count) < 1):
-            raise _task_error(f"task {t!r}: ':N' sets the item count of next-line or function-parse, N >= 1")
+            raise _task_error(f"task {t!r}: ':N' sets the item count of next-line or function-parse (the bytes of "
+                              "prose for ood), N >= 1")
     return tasks
 
 
@@ -118,7 +134,7 @@ def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig
     Each task is scored the same whichever others run beside it (the `lm` task by `score_lm` alone).
 
     The summary holds the headline numbers a selection compares: bits_per_byte, perplexity, accuracy (lm),
-    next_line_acc, parse_rate, and `<file>_acc` / `<file>_score` for task files."""
+    next_line_acc, parse_rate, ood_bits_per_byte, and `<file>_acc` / `<file>_score` for task files."""
     from .tasks import load_task_file, score_choice_task, score_generation_task
 
     results: dict[str, dict] = {}
@@ -129,6 +145,10 @@ def run_suite(model, tokenizer, tasks: list[str], *, data=None, cfg: SuiteConfig
         if name == "lm":
             res = score_lm(model, data, cfg, progress)
             summary.update(bits_per_byte=res["bits_per_byte"], perplexity=res["perplexity"], accuracy=res["accuracy"])
+        elif name.partition(":")[0] == "ood":
+            res = score_ood_task(model, tokenizer, name, cfg, progress)
+            name = "ood"
+            summary["ood_bits_per_byte"] = res["bits_per_byte"]
         else:
             path, _, scorer = name.partition("@")
             vf = data.meta.get("val_fraction") if data is not None else None
