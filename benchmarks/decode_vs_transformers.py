@@ -7,9 +7,11 @@ exactly N new tokens (no stop token), on the same thread count.
 
 Decode tokens/s = (N - 1) / (t(N) - t(1)): the time of a full generation minus the time of a
 generation of one token (prompt forward + first token), so prompt processing and per-call setup
-cancel out the same way for both engines. Medians over `--repeats` after a warm-up run.
+cancel out the same way for both engines. The engines take turns: after a warm-up of each, every one of
+`--repeats` rounds times a full and a one-token generation of each engine (the order rotating per round),
+so a slow phase of a shared machine falls on both alike; medians over the rounds.
 
-    python benchmarks/decode_vs_transformers.py --preset small --new-tokens 128 --repeats 3
+    python benchmarks/decode_vs_transformers.py --preset small --new-tokens 128 --repeats 5
 """
 
 from __future__ import annotations
@@ -50,21 +52,26 @@ def to_hf_dir(ckpt: Path, work: Path) -> Path:
         return export_hf(ckpt, work / "hf")
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def interleaved_times(engines: dict, n: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds of an n-token and of a 1-token generation per engine, the engines taking turns."""
+    for fn in engines.values():  # warm-up
+        fn(n), fn(1)
+    names = list(engines)
+    times = {name: ([], []) for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for lengths, k in zip(times[name], (n, 1)):
+                t0 = time.perf_counter()
+                engines[name](k)
+                lengths.append(time.perf_counter() - t0)
+    return {name: (statistics.median(full), statistics.median(one)) for name, (full, one) in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -107,20 +114,19 @@ def main() -> None:
     assert len(ours.token_ids) == N and len(theirs) == N, (len(ours.token_ids), len(theirs))
     agree = next((i for i, (a, b) in enumerate(zip(ours.token_ids, theirs.tolist())) if a != b), N)
 
-    engines = [("slmkit", slm), ("transformers", hf_gen)]
+    engines = {"slmkit": slm}
     if args.compile:
         t0 = time.perf_counter()
         assert slm(N, compile=True).token_ids == ours.token_ids
         print(f"slmkit compile=True: first call (compiles) {time.perf_counter() - t0:.1f} s")
-        engines.insert(1, ("slmkit+compile", lambda n: slm(n, compile=True)))
-    rows = []
-    for name, fn in engines:
-        t_full, t_one = timed(lambda: fn(N), args.repeats), timed(lambda: fn(1), args.repeats)
-        rows.append((name, (N - 1) / (t_full - t_one), N / t_full, t_one * 1e3))
+        engines["slmkit+compile"] = lambda n: slm(n, compile=True)
+    engines["transformers"] = hf_gen  # last: the baseline row
+    rows = [(name, (N - 1) / (t_full - t_one), N / t_full, t_one * 1e3)
+            for name, (t_full, t_one) in interleaved_times(engines, N, args.repeats).items()]
 
     print(f"preset={args.preset} vocab={args.vocab} params={model.num_parameters():,} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} prompt={PROMPT_TOKENS} new_tokens={N} repeats={args.repeats} "
-          f"(median after warm-up)")
+          f"(engines interleaved, median of the rounds after warm-up)")
     print(f"greedy tokens identical for the first {agree}/{N} positions")
     print(f"{'engine':<14}{'decode tok/s':>14}{'end-to-end tok/s':>18}{'first token ms':>16}")
     for name, decode, e2e, first in rows:
