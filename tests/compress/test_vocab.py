@@ -15,7 +15,7 @@ from slmkit.checkpoint import load_checkpoint, save_checkpoint
 from slmkit.compress.base import PassError, make_config
 from slmkit.compress.run import compress, parse_pass
 from slmkit.compress.vocab import (VocabConfig, _merge_pairs, apply_vocab, kept_ids_of, kept_token_mask,
-                                   old_to_new_ids, remap_ids, remap_teacher_topk, token_counts,
+                                   old_to_new_ids, remap_ids, token_counts,
                                    write_trimmed_tokenizer)
 from slmkit.data import build_dataset, open_dataset
 from slmkit.model import CausalLM
@@ -282,6 +282,7 @@ def test_non_byte_level_tokenizers_are_refused(domain_ds):
 # -- the teacher-logit cache ------------------------------------------------------------------------
 
 def test_teacher_topk_remap_is_the_teacher_conditioned_on_kept_tokens():
+    from slmkit.compress.vocab_remap import remap_teacher_topk
     from slmkit.distill.teacher_cache import FP16_MIN, teacher_topk
 
     g = torch.Generator().manual_seed(0)
@@ -312,7 +313,7 @@ def test_teacher_topk_remap_is_the_teacher_conditioned_on_kept_tokens():
 
 
 def test_teacher_cache_and_dataset_follow_the_trimmed_vocabulary(trimmed, trained, domain_ds, tmp_path):
-    from slmkit.compress.vocab import remap_dataset, remap_teacher_cache
+    from slmkit.compress.vocab_remap import remap_dataset, remap_teacher_cache
     from slmkit.data import check_same_tokenizer
     from slmkit.distill.teacher_cache import CachedKDBatches, build_teacher_cache, open_teacher_cache
 
