@@ -152,3 +152,17 @@ def test_data_stage_passes_the_file_limit_and_hidden_files_through(tmp_path):
         assert meta["skipped_counts"] == counts and meta["documents"] == 2
         assert meta["include_hidden"] is options.get("include_hidden", False)
         assert meta["max_file_bytes"] == options.get("max_file_bytes", library["max_file_bytes"].default)
+
+
+def test_smollm2_quickstart_recipe_loads_and_a_missing_import_source_is_named(tmp_path):
+    from slmkit.pipeline.quickstart import run_quickstart
+    from slmkit.pipeline.recipe import RecipeError, load_recipe, run_recipe
+
+    recipe = load_recipe("quickstart-smollm2", workdir=tmp_path / "w")
+    assert [s.name for s in recipe.stages][:2] == ["teacher", "data"]
+    missing = tmp_path / "nope.gguf"
+    recipe = load_recipe("quickstart-smollm2", workdir=tmp_path / "w", overrides=[f"teacher.source={missing}"])
+    with pytest.raises(RecipeError, match="does not exist"):
+        run_recipe(recipe, quiet=True, log=lambda m: None)
+    with pytest.raises(ValueError, match="unknown teacher"):
+        run_quickstart(tmp_path / "q", teacher="bogus")
