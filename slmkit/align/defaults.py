@@ -56,27 +56,9 @@ class StageConfigError(ValueError):
 
 def read_config_file(path: str | Path) -> dict:
     """The mapping of a `--config` YAML file, checked against TrainConfig's fields."""
-    import yaml
+    from ..train.config import read_train_fields
 
-    from ..train import TrainConfig
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise StageConfigError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise StageConfigError(f"--config {path}: not valid YAML ({e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise StageConfigError(f"--config {path}: expected a mapping of TrainConfig fields (steps: 300, lr: 1e-4, "
-                               f"...), found a {type(data).__name__}")
-    known = set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise StageConfigError(f"--config {path}: unknown training field(s) {unknown}; known: {sorted(known)}")
-    return data
+    return read_train_fields(path, where=f"--config {path}", error=StageConfigError)
 
 
 def checkpoint_context(ckpt: str | Path | None) -> int | None:

@@ -34,15 +34,14 @@ with (checkpoints from before this option record none and replay as `weight_only
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .base import PROJECTIONS, Calibration, PassError, collect_inputs, decoder_layers, register_pass, set_module
-from .qlinear import (INT4_QMAX, INT8_KERNELS, INT8_QMAX, QUANTIZED_LINEARS, Int4Linear, Int8Linear,
+from .base import PROJECTIONS, Calibration, PassError, register_pass, set_module
+from .qlinear import (INT8_KERNELS, QUANTIZED_LINEARS, Int4Linear, Int8Linear,
                       QuantizedEmbedding, TiedQuantizedHead, int4_params, int8_scales, quantize_int4, quantize_int8)
 
 GROUP_SIZES = (32, 64, 128)

@@ -54,9 +54,28 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise TrainConfigError(f"{path}: unknown training field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(**{**read_train_fields(path), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def read_train_fields(path: str | Path, *, where: str | None = None,
+                      error: type[ValueError] = TrainConfigError) -> dict:
+    """The mapping of a YAML file of TrainConfig fields, checked: a missing file, bad YAML, something other than
+    a mapping and unknown fields raise `error`, its message starting with `where` (default: the path)."""
+    path = Path(path)
+    where = where or str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{where}: no such file") from None
+    except yaml.YAMLError as e:
+        raise error(f"{where}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a mapping of TrainConfig fields (steps: 300, lr: 1e-4, ...), found a "
+                    f"{type(data).__name__}")
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"{where}: unknown training field(s) {unknown}; known: {sorted(known)}")
+    return data

@@ -1,6 +1,5 @@
 """The compression driver: passes compose, each is measured, the result loads compressed, bad plans fail early."""
 
-import json
 
 import pytest
 import torch

@@ -11,14 +11,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from slmkit.checkpoint import load_checkpoint, save_checkpoint
+from slmkit.checkpoint import load_checkpoint
 from slmkit.compress.base import PassError, make_config
 from slmkit.compress.run import compress, parse_pass
 from slmkit.compress.vocab import (VocabConfig, _merge_pairs, apply_vocab, kept_ids_of, kept_token_mask,
                                    old_to_new_ids, remap_ids, token_counts,
                                    write_trimmed_tokenizer)
 from slmkit.data import build_dataset, open_dataset
-from slmkit.model import CausalLM
 from slmkit.train import TrainConfig
 from slmkit.train.pretrain import pretrain
 
