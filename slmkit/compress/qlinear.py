@@ -377,7 +377,7 @@ class Int8Linear(_QuantizedLinear):
         return _INT8_MM(x2, *derived)
 
     def _kernel_safe(self, rows: int, dtype: torch.dtype) -> bool:
-        return int8_kernel_safe(CPU_CAPABILITY, rows, dtype)
+        return rows <= 1 or dtype is torch.float32 or int8_kernel_safe(CPU_CAPABILITY, rows, dtype)  # batch-1 decode: no lookup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kernel == "dynamic" and self._dynamic_ok and x.is_cpu and x.dtype in _KERNEL_INPUT_DTYPES
