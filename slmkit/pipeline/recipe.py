@@ -21,6 +21,7 @@ stages then resume from their last saved state instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -272,13 +273,45 @@ def run_recipe(recipe: Recipe, *, force: tuple[str, ...] = (), until: str | None
                log: Callable[[str], None] = print) -> list[StageRecord]:
     """Run the stages in order, skipping those whose key matches their finished output. `force` re-runs
     the named stages (and so everything downstream); `until` stops after the named stage."""
-    from .stages import STAGES
-
     names = [s.name for s in recipe.stages]
     for n in [*force, *([until] if until else [])]:
         if n not in names:
             raise RecipeError(f"{recipe.source}: no stage named {n!r} (stages: {', '.join(names)})")
     recipe.workdir.mkdir(parents=True, exist_ok=True)
+    with _workdir_lock(recipe):
+        return _run_stages(recipe, force=force, until=until, quiet=quiet, log=log)
+
+
+@contextlib.contextmanager
+def _workdir_lock(recipe: Recipe):
+    """One run per workdir: two runs would clear and rewrite the same stage directories under each other.
+    An advisory lock on `workdir/.lock`, released by the OS if the holder dies (so no stale lock survives a
+    crash or kill -9)."""
+    import fcntl
+
+    path = recipe.workdir / ".lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RecipeError(f"{recipe.workdir}: another run of this workdir is in progress ({holder}); wait for it "
+                              "to finish, or give this run another workdir (--out / --workdir)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _run_stages(recipe: Recipe, *, force: tuple[str, ...], until: str | None, quiet: bool,
+                log: Callable[[str], None]) -> list[StageRecord]:
+    from .stages import STAGES
+
     keys: dict[str, str] = {}
     artifacts: dict[str, str] = {}
     records: dict[str, StageRecord] = {}

@@ -166,3 +166,28 @@ def test_smollm2_quickstart_recipe_loads_and_a_missing_import_source_is_named(tm
         run_recipe(recipe, quiet=True, log=lambda m: None)
     with pytest.raises(ValueError, match="unknown teacher"):
         run_quickstart(tmp_path / "q", teacher="bogus")
+
+
+def test_a_second_run_of_the_same_workdir_is_refused_while_the_first_holds_it(tmp_path):
+    """Two runs in one workdir would clear each other's stage directories: the second is refused by name, and
+    the lock dies with its holder (no stale lock after a crash)."""
+    import subprocess
+    import sys
+
+    r = recipe(tmp_path)
+    r.workdir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"fh = open({str(r.workdir / '.lock')!r}, 'a+'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+        "fh.write('pid 4242'); fh.flush(); print('locked', flush=True); time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RecipeError, match=r"another run of this workdir is in progress \(pid 4242\)"):
+            run_recipe(r, log=lambda m: None)
+        assert CALLS == [] and not (r.workdir / "a").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    recs = run_recipe(r, log=lambda m: None)  # the holder died: its lock went with it
+    assert [x.name for x in recs] == ["a", "b", "c", "d"]
