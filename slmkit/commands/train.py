@@ -66,7 +66,8 @@ def train(
 def distill(
     teacher: Path = typer.Option(..., "--teacher", "-t", help="Teacher checkpoint directory."),
     student: str = typer.Option(..., "--student", "-s", help="Preset, config YAML, checkpoint, or `teacher:N` "
-                                "(keep N evenly spaced teacher layers) / `teacher:0,3,5` (those layers)."),
+                                "(keep N evenly spaced teacher layers) / `teacher:0,3,5` (those layers) / `teacher:drop=N` (all "
+                                "but the N of lowest block influence on the data)."),
     data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (built with the teacher's tokenizer "
                                                          "for logit KD)."),
     out: Path = typer.Option(..., "--out", "-o", help="Student checkpoint directory to write."),
@@ -107,6 +108,7 @@ def distill(
 
         slm distill --teacher runs/teacher --student tiny --data runs/ds --out runs/student --steps 500
         slm distill -t runs/teacher -s teacher:4 -d runs/ds -o runs/s4 --loss jsd --beta 0.5 --temperature 2
+        slm distill -t runs/quickstart/teacher -s teacher:drop=6 -d runs/quickstart/data -o runs/s24   # Minitron depth
         slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --cache-teacher --cache-k 16
         slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --on-policy 0.25 --hidden-weight 1.0
         slm distill -t runs/hf-llama -s small -d runs/ds -o runs/s --mode sequence --prompts 512

@@ -14,6 +14,23 @@ from ..model import CausalLM, resolve_model_config
 from .kd_losses import KDError
 
 TEACHER_SPEC = re.compile(r"^teacher:(?P<layers>[0-9,]+)$")
+TEACHER_DROP_SPEC = re.compile(r"^teacher:drop=(?P<drop>[0-9]+)$")
+BI_CALIBRATION = 16  # training windows the block influence is measured on (ShortGPT: a few thousand tokens do)
+
+
+def least_influential_layers(teacher: CausalLM, ds, drop: int, *, seq_len: int) -> tuple[list[int], list[float]]:
+    """The teacher's layers without the `drop` of lowest block influence on the dataset's training text
+    (ShortGPT, Men et al., 2024; Minitron's depth axis), and the influence of every layer."""
+    from ..compress.base import calibration_from_dataset
+    from ..compress.structured import block_influence
+
+    n = teacher.config.num_hidden_layers
+    if not 0 < drop < n:
+        raise KDError(f"teacher:drop={drop}: the teacher has {n} layers; drop between 1 and {n - 1}")
+    bi = block_influence(teacher.eval(), calibration_from_dataset(ds, samples=BI_CALIBRATION,
+                                                                   seq_len=min(seq_len, 256)))
+    dropped = set(sorted(range(n), key=lambda i: (bi[i], i))[:drop])
+    return [i for i in range(n) if i not in dropped], bi
 
 
 def evenly_spaced_layers(n_teacher: int, keep: int) -> list[int]:
@@ -49,10 +66,16 @@ def student_from_teacher_layers(teacher: CausalLM, layers: list[int]) -> CausalL
 
 def build_student(spec: str | Path, teacher: Checkpoint | None, ds, *, seq_len: int) -> tuple[CausalLM, dict, dict]:
     """Resolve `--student`: `teacher:N` (keep N evenly spaced teacher layers), `teacher:0,3,5` (those layers),
-    a checkpoint directory, or a preset / config file (fresh weights at the dataset's vocabulary).
+    `teacher:drop=N` (all but the N layers of lowest block influence on the training text), a checkpoint
+    directory, or a preset / config file (fresh weights at the dataset's vocabulary).
     Returns the model, a record of how it was made, and the provenance it inherits (stages and compression
     passes of a checkpoint student, so a pruned or quantized student still loads after distillation)."""
     spec_str = str(spec)
+    if m := TEACHER_DROP_SPEC.match(spec_str):
+        layers, bi = least_influential_layers(teacher.model, ds, int(m.group("drop")), seq_len=seq_len)
+        return (student_from_teacher_layers(teacher.model, layers),
+                {"init": "teacher_layers", "layers": layers, "block_influence": [round(b, 6) for b in bi]},
+                inherited_provenance({**teacher.provenance, "passes": []}))
     m = TEACHER_SPEC.match(spec_str)
     if m:
         parts = [int(x) for x in m.group("layers").split(",") if x]

@@ -64,6 +64,24 @@ def test_student_from_teacher_layers_keeps_those_weights(teacher, tiny_dataset, 
         distill(teacher, "teacher:0,5", tiny_dataset, tmp_path / "bad", cfg(), KDConfig(), quiet=True)
 
 
+def test_student_without_the_least_influential_teacher_layers(teacher, tiny_dataset, tmp_path):
+    """`teacher:drop=N`: the kept layer is the one of highest block influence, its weights copied; the influence
+    of every teacher layer is recorded; an impossible drop is refused by name."""
+    out = tmp_path / "s"
+    distill(teacher, "teacher:drop=1", tiny_dataset, out, cfg(steps=1, lr=1e-12, warmup_steps=0), KDConfig(),
+            quiet=True)
+    init = load_checkpoint(out).provenance["stages"][-1]["student"]
+    bi = init["block_influence"]
+    assert len(bi) == 2 and init["layers"] == [max(range(2), key=lambda i: (bi[i], -i))]
+    t, s = load_checkpoint(teacher).model, load_checkpoint(out).model
+    kept = init["layers"][0]
+    assert s.config.num_hidden_layers == 1
+    assert torch.allclose(s.model.layers[0].self_attn.q_proj.weight, t.model.layers[kept].self_attn.q_proj.weight,
+                          atol=1e-6)
+    with pytest.raises(KDError, match=r"teacher:drop=2: the teacher has 2 layers; drop between 1 and 1"):
+        distill(teacher, "teacher:drop=2", tiny_dataset, tmp_path / "bad", cfg(), KDConfig(), quiet=True)
+
+
 def test_cached_distillation_matches_its_inputs_and_refuses_others(teacher, student_yaml, tiny_dataset, tmp_path):
     cache = build_teacher_cache(teacher, tiny_dataset, tmp_path / "cache", k=8, seq_len=32, progress=False)
     out = tmp_path / "s"
