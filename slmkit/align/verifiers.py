@@ -13,6 +13,17 @@ by ``key=``). Built-ins:
   tokens). A method (indented ``def``) is judged from its ``def`` line, dedented. With ``require_body=true``
   (default) a completion with no statement (blank or comments only) fails, because the docstring alone
   already parses.
+- ``python-exec``: the function (cut and parsed as ``python-syntax`` does) *runs and does what it should*,
+  judged in a sandbox process (``exec_sandbox.py``: its own session and temporary directory, ``python -I -S``,
+  limits on memory, CPU time and file size, a timer per call, no process creation, network or file changes
+  outside that directory): the ``>>>`` examples of its docstring pass (doctest), and, when the prompt is a
+  function of the standard library (``reference=true``, default; the default domain's prompts), it behaves
+  as the library's own implementation does on probed arguments: same return value, same ``self`` and
+  arguments afterwards. Only references whose cases every trivial body (``pass``, ``return x``, a constant)
+  fails can judge, so ``return x`` never passes. A prompt with neither fails, saying so. Options:
+  ``timeout`` (seconds per call, 1), ``memory_mb`` (1024), ``grace`` (seconds without progress before the
+  process is killed, 10). A syntax error, exception, timeout, memory error or a crash of the process is a
+  failed verdict with its reason.
 - ``json``: the completion (stripped; with ``extract=true`` the first JSON object or array in it) is valid JSON,
   and, with ``schema=FILE``, conforms to it (a small subset of JSON Schema, see ``json_schema.py``).
 - ``regex``: ``pattern=`` must match somewhere (``re.search``), or the whole completion with ``fullmatch=true``.
@@ -119,6 +130,17 @@ def _dedent_by(text: str, width: int) -> str:
     return "".join(out)
 
 
+def judged_source(prompt: str, span: str) -> tuple[str, int]:
+    """(the code a function verifier judges, the prompt line it starts at): ``prompt + span``, or for a
+    method (an indented last ``def``) the text from that ``def`` line on, dedented."""
+    defs = list(_DEF_LINE.finditer(prompt))
+    indent = len(defs[-1].group(1).expandtabs(8)) if defs else 0
+    if indent <= 0:
+        return prompt + span, 1
+    cut_at = defs[-1].start()
+    return _dedent_by((prompt + span)[cut_at:], indent), prompt.count("\n", 0, cut_at) + 1
+
+
 @register
 @dataclass
 class PythonSyntax(Verifier):
@@ -133,11 +155,7 @@ class PythonSyntax(Verifier):
         code_lines = [ln for ln in span.splitlines() if ln.strip() and not ln.strip().startswith("#")]
         if self.require_body and not code_lines:
             return _pass(False, "empty body: the completion has no statement", span)
-        source, first = prompt + span, 1
-        if indent > 0:  # a method: parse from its def line, dedented
-            cut_at = defs[-1].start()
-            first = prompt.count("\n", 0, cut_at) + 1
-            source = _dedent_by(source[cut_at:], indent)
+        source, first = judged_source(prompt, span)
         try:
             ast.parse(source)
         except SyntaxError as e:
@@ -146,6 +164,64 @@ class PythonSyntax(Verifier):
         except (ValueError, RecursionError, MemoryError) as e:
             return _pass(False, f"{type(e).__name__}: {e}", span)
         return _pass(True, "parses", span)
+
+
+# -- python-exec ---------------------------------------------------------------------------------
+
+@register
+@dataclass
+class PythonExec(Verifier):
+    """The completed function runs and does what it should (see the module docstring and exec_verifier.py)."""
+
+    name: ClassVar[str] = "python-exec"
+    reference: bool = True  # a standard-library prompt is also compared with the library's own function
+    timeout: float = 1.0  # seconds per call of the function
+    memory_mb: int = 1024  # address-space limit of the sandbox process
+    grace: float = 10.0  # seconds of silence past a call's timeout before the sandbox process is killed
+    _references: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.timeout <= 0 or self.memory_mb < 64 or self.grace <= 0:
+            raise VerifierError("python-exec: timeout and grace must be > 0 seconds and memory_mb >= 64")
+
+    def add_references(self, references: dict) -> None:
+        """Compare these prompts with these functions (``{prompt: exec_verifier.Reference}``), instead of
+        looking the prompt up in the standard library (which refuses a prompt that several functions share)."""
+        self._references.update(references)
+
+    def __call__(self, prompt: str, completion: str) -> VerifierResult:
+        return self.score_batch([prompt], [completion])[0]
+
+    def score_batch(self, prompts: list[str], completions: list[str]) -> list[VerifierResult]:
+        """All runnable completions go to one sandbox process (a new one after a completion kills it)."""
+        from .exec_sandbox import run_jobs
+        from .exec_verifier import docstring_examples, find_reference
+
+        parse = PythonSyntax()
+        out: list[VerifierResult | None] = [None] * len(prompts)
+        jobs, owners = [], []
+        for k, (prompt, completion) in enumerate(zip(prompts, completions)):
+            parsed = parse(prompt, completion)
+            if not parsed.passed:
+                out[k] = _pass(False, f"does not parse: {parsed.reason}", parsed.span)
+                continue
+            source = judged_source(prompt, parsed.span)[0]
+            examples = docstring_examples(source)
+            if prompt in self._references:
+                ref, why = self._references[prompt], ""
+            else:
+                ref, why = find_reference(prompt) if self.reference else (None, "reference=false")
+            if examples is None and ref is None:
+                out[k] = _pass(False, f"nothing to run it against: no >>> examples in the docstring, and {why}",
+                               parsed.span)
+                continue
+            jobs.append({"op": "judge", "source": source, "examples": examples,
+                         "reference": ref.job() if ref is not None else None})
+            owners.append((k, parsed.span))
+        verdicts = run_jobs(jobs, timeout=self.timeout, memory_mb=self.memory_mb, grace=self.grace) if jobs else []
+        for (k, span), v in zip(owners, verdicts):
+            out[k] = VerifierResult(bool(v["passed"]), float(v["score"]), v["reason"], span)
+        return out  # type: ignore[return-value]
 
 
 # -- json ----------------------------------------------------------------------------------------

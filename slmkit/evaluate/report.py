@@ -27,6 +27,7 @@ COLUMNS = [  # (field, header, format)
     ("ood_bits_per_byte", "bits/byte (out of domain)", lambda v: f"{v:.4f}"),
     ("next_line_acc", "next-line acc", lambda v: f"{v:.1%}"),
     ("parse_rate", "parse rate", lambda v: f"{v:.1%}"),
+    ("exec_pass_rate", "exec pass rate", lambda v: f"{v:.1%}"),
 ]
 
 

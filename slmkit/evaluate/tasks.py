@@ -53,6 +53,7 @@ class TaskData:
     kind: str  # "choice" | "generation"
     items: list
     skipped: list[str] = field(default_factory=list)  # "file:line: reason"
+    verifier: object | None = None  # what a built-in generation task is judged with, when not a spec string
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -308,12 +309,14 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score_generation_task(model, tokenizer, items: list[GenerationItem], *, scorer: str = "rouge-l",
+def score_generation_task(model, tokenizer, items: list[GenerationItem], *, scorer="rouge-l",
                           max_new_tokens: int = 128, batch_size: int = 8, stop: list[str] | None = None,
                           temperature: float = 0.0, seed: int = 0, progress=None) -> dict:
-    """Generate for every prompt and score: `rouge-l` against each item's reference, or a verifier spec
-    (`python-syntax`, `json:schema=...`, ...) from `slmkit.align.verifiers`. Returns the mean score, the pass
-    rate (verifiers; ROUGE-L has none) and per-item outputs."""
+    """Generate for every prompt and score: `rouge-l` against each item's reference, or a verifier (a spec
+    such as `python-syntax` or `json:schema=...`, or a built `slmkit.align.verifiers.Verifier`). A verifier
+    judges the item's whole prompt and the completion, even where the model saw the prompt cut from the left
+    to fit its context. Returns the mean score, the pass rate (verifiers; ROUGE-L has none) and per-item
+    outputs."""
     from ..serve.generate import SamplingParams, generate
 
     if scorer == "rouge-l":
@@ -321,10 +324,12 @@ def score_generation_task(model, tokenizer, items: list[GenerationItem], *, scor
         if missing:
             raise TaskError(f"rouge-l needs a 'reference' on every item; item {missing[0]} has none")
         verify = None
-    else:
+    elif isinstance(scorer, str):
         from ..align.verifiers import build_verifier
 
         verify = build_verifier(scorer, tokenizer=tokenizer)
+    else:
+        verify, scorer = scorer, scorer.describe()
     limit = model.config.max_position_embeddings - max_new_tokens
     if limit < 1:
         raise TaskError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
@@ -337,7 +342,8 @@ def score_generation_task(model, tokenizer, items: list[GenerationItem], *, scor
         chunk = items[start:start + batch_size]
         prompts = [_fit_prompt(tokenizer, it.prompt, limit - 1) for it in chunk]
         results = generate(model, tokenizer, prompts, params)
-        verdicts = verify.score_batch(prompts, [r.text for r in results]) if verify is not None else None
+        verdicts = verify.score_batch([it.prompt for it in chunk], [r.text for r in results]) \
+            if verify is not None else None
         for k, (it, res) in enumerate(zip(chunk, results)):
             if verdicts is None:
                 score, passed, reason = rouge_l(res.text, it.reference or ""), None, ""
