@@ -72,11 +72,12 @@ def _kept_of_checkpoint(ckpt) -> tuple[np.ndarray, Path]:
     return kept_ids_of(records[-1]["report"]), path
 
 
-def remap_dataset(dataset, ckpt, out: str | Path):
+def remap_dataset(dataset, ckpt, out: str | Path, *, splits: tuple[str, ...] | None = None):
     """A dataset built with the original tokenizer, rewritten in the trimmed vocabulary of `ckpt` (for
     distilling or evaluating the trimmed model without re-reading the sources). The tokenizer files are the
     checkpoint's, byte for byte, so `check_same_tokenizer` accepts the pair; ids map one to one where every
-    token is kept, and documents holding a removed token are re-encoded from their text."""
+    token is kept, and documents holding a removed token are re-encoded from their text. `splits` limits the
+    rewrite to those splits (e.g. ("val",) to evaluate)."""
     from ..checkpoint import atomic_write_text
     from ..data import open_dataset
     from ..data.shards import Dataset, ShardWriter, token_dtype
@@ -93,7 +94,9 @@ def remap_dataset(dataset, ckpt, out: str | Path):
     meta = copy.deepcopy(ds.meta)
     dtype = token_dtype(len(kept))
     one_to_one = {}
-    for split in ds.splits:
+    wanted = ds.splits if splits is None else [s for s in ds.splits if s in splits]
+    meta["splits"] = {k: v for k, v in meta["splits"].items() if k in wanted}
+    for split in wanted:
         stream = ds.split(split)
         ids = stream.window(0, len(stream))
         one_to_one[split] = bool((table[ids] >= 0).all())
@@ -111,6 +114,64 @@ def remap_dataset(dataset, ckpt, out: str | Path):
                                    .hexdigest(), "checkpoint": str(ck_path.resolve()), "one_to_one": one_to_one}})
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return open_dataset(out)
+
+
+def is_trimmed_from(ds, ckpt_path: Path) -> np.ndarray | None:
+    """The kept ids when the checkpoint at `ckpt_path` has a prune.vocab-trimmed tokenizer made from the
+    tokenizer `ds` was built with (its tokenizer.json is exactly that tokenizer trimmed to the recorded ids),
+    else None."""
+    from ..checkpoint import read_provenance
+    from .vocab import trim_tokenizer_json
+
+    records = [r for r in read_provenance(ckpt_path).get("passes", []) if r.get("name") == PASS]
+    if not records or not (ckpt_path / "tokenizer.json").exists():
+        return None
+    kept = kept_ids_of(records[-1]["report"])
+    if kept is None or int(kept.max()) >= ds.vocab_size:
+        return None
+    original = json.loads((Path(ds.path) / "tokenizer.json").read_text(encoding="utf-8"))
+    mine = json.loads((ckpt_path / "tokenizer.json").read_text(encoding="utf-8"))
+    return kept if trim_tokenizer_json(original, kept) == mine else None
+
+
+def dataset_for_checkpoint(ds, ckpt_path: str | Path, *, splits: tuple[str, ...] = ("val",)):
+    """`ds` itself when the checkpoint speaks its tokenizer; for a checkpoint whose vocabulary `prune.vocab`
+    trimmed from that tokenizer, `ds` carried into the trimmed ids (`splits` only), cached in the dataset's
+    `.vocab-remap/` (or a temporary directory when the dataset is read-only), so every model of one run is
+    measured on the same text. Any other tokenizer is refused as `check_same_tokenizer` does."""
+    import tempfile
+
+    from ..data import check_same_tokenizer, open_dataset
+    from ..data.errors import TokenizerMismatchError
+
+    ckpt_path = Path(ckpt_path)
+    try:
+        check_same_tokenizer(ds, ckpt_path / "tokenizer.json" if (ckpt_path / "tokenizer.json").exists() else None)
+        return ds
+    except TokenizerMismatchError:
+        if is_trimmed_from(ds, ckpt_path) is None:
+            raise
+    sha = hashlib.sha256((ckpt_path / "tokenizer.json").read_bytes()).hexdigest()
+    key = f"{sha[:16]}-{'-'.join(sorted(splits))}"
+    source_meta = hashlib.sha256((Path(ds.path) / "meta.json").read_bytes()).hexdigest()
+    for root in (Path(ds.path) / ".vocab-remap", Path(tempfile.gettempdir()) / "slmkit-vocab-remap"):
+        out = root / f"{source_meta[:16]}-{key}"
+        if (out / "meta.json").exists():
+            cached = open_dataset(out)
+            if cached.meta.get("vocab_trimmed", {}).get("from_meta_sha256") == source_meta:
+                return cached
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        except OSError:
+            continue  # a read-only dataset directory: the temporary directory instead
+        remap_dataset(ds, ckpt_path, tmp, splits=splits)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished the same remap first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        return open_dataset(out)
+    raise PassError(f"{ds.path}: could not write the remapped dataset for {ckpt_path} (no writable directory)")
 
 
 def _tokenizer_from(path: Path):

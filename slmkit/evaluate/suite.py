@@ -210,12 +210,13 @@ def evaluate_checkpoint(path: str | Path, tasks: list[str], *, data: str | Path 
                         cfg: SuiteConfig = SuiteConfig(), progress: ProgressHook | None = None) -> dict:
     """Load a checkpoint (and dataset) and `run_suite`; the dataset must share the checkpoint's tokenizer."""
     from ..checkpoint import load_checkpoint
-    from ..data import check_same_tokenizer, open_dataset
+    from ..compress.vocab_remap import dataset_for_checkpoint
+    from ..data import open_dataset
 
     ck = load_checkpoint(path)
     ds = open_dataset(data) if data is not None else None
-    if ds is not None:
-        check_same_tokenizer(ds, ck.tokenizer_path)
+    if ds is not None:  # a vocabulary-trimmed checkpoint reads the dataset in its own ids
+        ds = dataset_for_checkpoint(ds, path, splits=(cfg.split,))
     if ck.tokenizer_path is None:
         raise _task_error(f"{path}: no tokenizer.json; tasks need the checkpoint's tokenizer")
     result = run_suite(ck.model, ck.tokenizer(), tasks, data=ds, cfg=cfg, progress=progress)

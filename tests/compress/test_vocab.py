@@ -339,3 +339,35 @@ def test_teacher_cache_and_dataset_follow_the_trimmed_vocabulary(trimmed, traine
     np.testing.assert_allclose(mass, 1.0, atol=2e-3)  # fp16 log-probs
     batch = CachedKDBatches(new, ds2.split("train"), global_batch=2, seed=0).batch(0, slice(None))
     assert batch["teacher_topk_ids"].max() < len(kept) and batch["input_ids"].max() < len(kept)
+
+
+def test_evaluation_reads_the_original_dataset_in_a_trimmed_checkpoints_ids(trimmed, trained, domain_ds,
+                                                                              tiny_dataset):
+    """`slm eval`/`slm select` of a trimmed checkpoint on the dataset it was trimmed with: the held-out split is
+    carried into the trimmed ids (cached beside the dataset), so the trimmed model scores what the compress
+    table measured for it, beside the untrimmed model on the same text; another tokenizer is still refused."""
+    import shutil
+
+    from slmkit.compress.vocab_remap import dataset_for_checkpoint
+    from slmkit.data import TokenizerMismatchError
+    from slmkit.evaluate.suite import SuiteConfig, evaluate_checkpoint
+
+    out, rows = trimmed
+    shutil.rmtree(domain_ds.path / ".vocab-remap", ignore_errors=True)
+    cfg = SuiteConfig(max_tokens=1024, seq_len=32)
+    before = evaluate_checkpoint(trained, ["lm"], data=domain_ds.path, cfg=cfg)["summary"]["bits_per_byte"]
+    after = evaluate_checkpoint(out, ["lm"], data=domain_ds.path, cfg=cfg)["summary"]["bits_per_byte"]
+    assert after == pytest.approx(rows[1]["bits_per_byte"], rel=1e-5)
+    assert before == pytest.approx(rows[0]["bits_per_byte"], rel=1e-5)
+    remapped = dataset_for_checkpoint(domain_ds, out)
+    assert remapped.path.parent == domain_ds.path / ".vocab-remap" and list(remapped.splits) == ["val"]
+    assert dataset_for_checkpoint(domain_ds, out).path == remapped.path  # reused, not rebuilt
+    assert dataset_for_checkpoint(domain_ds, trained) is domain_ds
+    src = domain_ds.path.parent / "other-src"
+    src.mkdir(exist_ok=True)
+    for i in range(4):
+        (src / f"{i}.txt").write_text("\n".join(DOMAIN) * (i + 5))
+    build_dataset([str(src)], domain_ds.path.parent / "other", vocab_size=300, val_fraction=0.5,
+                          progress=False)
+    with pytest.raises(TokenizerMismatchError, match="is not the tokenizer dataset"):
+        dataset_for_checkpoint(open_dataset(domain_ds.path.parent / "other"), out)
