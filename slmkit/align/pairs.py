@@ -13,7 +13,7 @@ cuts at the end of the function) that part is written, so DPO compares exactly t
 Output lines are ``{id, prompt, chosen, rejected, chosen_score, rejected_score, verifier, ...}``; for chat
 prompts (``messages``) the prompt is the message list and chosen/rejected are one-message assistant lists, the
 form `slm dpo` reads. Sampling is seeded per batch, so the same ``--seed`` and ``--batch-prompts`` give the
-same file.
+same file. With a progress hook, sampling and verifying each draw a bar counted in samples (prompts x K).
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..data.errors import DataError
 from .chat import ChatTemplateError, assistant_end_marker, chat_template_of, render_chat
 from .defaults import PAIRS_SAMPLING
 from .verifiers import Verifier, VerifierResult
+
+if TYPE_CHECKING:
+    from ..evaluate.suite import ProgressHook
 
 
 class PromptFileError(DataError):
@@ -204,9 +207,10 @@ def make_pairs(model, tokenizer, prompts: list[PromptItem], verifier: Verifier, 
                max_new_tokens: int = PAIRS_SAMPLING.max_new_tokens, seed: int = PAIRS_SAMPLING.seed,
                batch_prompts: int = PAIRS_SAMPLING.batch_prompts, margin: float = PAIRS_SAMPLING.margin,
                stop: list[str] | None = None,
-               stop_token_ids: list[int] | None = None, on_batch: Callable[[int], None] | None = None
+               stop_token_ids: list[int] | None = None, progress: ProgressHook | None = None
                ) -> tuple[list[dict], PairStats]:
-    """Sample ``k`` completions per prompt, judge them, and return (pair records, stats)."""
+    """Sample ``k`` completions per prompt, judge them, and return (pair records, stats). ``progress`` gets a
+    sampling bar and a verifying bar of ``len(prompts) * k`` samples each."""
     from ..serve.generate import SamplingParams, generate
 
     if k < 2:
@@ -216,6 +220,9 @@ def make_pairs(model, tokenizer, prompts: list[PromptItem], verifier: Verifier, 
     stats = PairStats(prompts=len(prompts))
     records = []
     spec = verifier.describe()
+    total = len(prompts) * k
+    sampled = progress(f"sampling ({len(prompts)} prompts x {k})", total) if progress is not None else None
+    verified = progress(f"verifying ({spec})", total) if progress is not None else None
     for b, start in enumerate(range(0, len(prompts), batch_prompts)):
         chunk = prompts[start:start + batch_prompts]
         texts = [p.text for p in chunk for _ in range(k)]  # (len(chunk) * k,)
@@ -223,7 +230,11 @@ def make_pairs(model, tokenizer, prompts: list[PromptItem], verifier: Verifier, 
                                 stop=list(stop or []), seed=seed * 1_000_003 + b, stop_token_ids=stop_token_ids)
         outs = generate(model, tokenizer, texts, params)
         completions = [o.text for o in outs]
+        if sampled is not None:
+            sampled(len(texts))
         results = verifier.score_batch(texts, completions)
+        if verified is not None:
+            verified(len(texts))
         for j, item in enumerate(chunk):
             rs, cs = results[j * k:(j + 1) * k], completions[j * k:(j + 1) * k]
             judged = [r.span if r.span is not None else c for r, c in zip(rs, cs)]
@@ -236,8 +247,6 @@ def make_pairs(model, tokenizer, prompts: list[PromptItem], verifier: Verifier, 
             ci, ri = choice
             records.append(_pair_record(item, judged[ci], judged[ri], rs[ci], rs[ri], spec))
             stats.pairs += 1
-        if on_batch is not None:
-            on_batch(len(chunk))
     return records, stats
 
 
@@ -254,8 +263,9 @@ def write_pairs(records: list[dict], out: str | Path) -> Path:
 
 def pairs_from_checkpoint(ckpt: str | Path, prompts: str, verifier_spec: str, out: str | Path, *,
                           limit: int | None = None, val_fraction: float | None = None, say=print,
-                          **sampling) -> PairStats:
-    """The `slm pairs` command: load, read prompts, sample, judge, write; returns the counts."""
+                          progress: ProgressHook | None = None, **sampling) -> PairStats:
+    """The `slm pairs` command: load, read prompts, sample, judge, write; returns the counts. ``progress``
+    draws the sampling and verifying bars (see `make_pairs`)."""
     from ..checkpoint import load_checkpoint
     from ..data import special_token_ids
     from .verifiers import build_verifier
@@ -286,7 +296,8 @@ def pairs_from_checkpoint(ckpt: str | Path, prompts: str, verifier_spec: str, ou
             stop_ids = sorted({marker_id} | ({eos} if eos is not None else set()))
     for p in problems[:20]:
         say(f"skipped {p}")
-    records, stats = make_pairs(ck.model, tok, items, verifier, stop_token_ids=stop_ids, **sampling)
+    records, stats = make_pairs(ck.model, tok, items, verifier, stop_token_ids=stop_ids, progress=progress,
+                                **sampling)
     stats.problems = problems
     write_pairs(records, out)
     return stats

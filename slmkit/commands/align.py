@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from ..align.defaults import DPO_TRAIN_DEFAULTS as DPO, PAIRS_SAMPLING as PAIRS, SFT_TRAIN_DEFAULTS as SFT
-from .common import (LORA_RANK_HELP, LORA_TARGETS_DEFAULT, default_help, err_console, lora_config, out_console,
-                     print_lora_summary, train_config)
+from .common import (LORA_RANK_HELP, LORA_TARGETS_DEFAULT, QUIET_HELP, default_help, err_console, lora_config,
+                     out_console, print_lora_summary, progress_bars, train_config)
 
 CONTEXT_NOTE = ", or the model's context if shorter"
 CONFIG_HELP = "Training config YAML (fields of TrainConfig): overrides the defaults; options given here override it."
@@ -96,8 +96,11 @@ def pairs(
     stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
     val_fraction: Optional[float] = typer.Option(None, help="`--prompts default`: the held-out fraction (default: "
                                                  "the smallest of the checkpoint's datasets)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Synthesize preference pairs: sample K completions per prompt, judge them with a verifier, keep best vs worst.
+
+    Progress bars on stderr count the samples generated and judged.
 
     Examples:
 
@@ -109,10 +112,11 @@ def pairs(
     """
     from ..align.pairs import pairs_from_checkpoint
 
-    stats = pairs_from_checkpoint(ckpt, prompts, verifier, out, limit=limit, val_fraction=val_fraction,
-                                  say=lambda m: err_console.print(m, markup=False, highlight=False), k=k,
-                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                  batch_prompts=batch_prompts, margin=margin, stop=list(stop))
+    with progress_bars(quiet) as progress:
+        stats = pairs_from_checkpoint(ckpt, prompts, verifier, out, limit=limit, val_fraction=val_fraction,
+                                      say=lambda m: err_console.print(m, markup=False, highlight=False), k=k,
+                                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                      batch_prompts=batch_prompts, margin=margin, stop=list(stop), progress=progress)
     s = stats.to_dict()
     out_console.print(f"{s['pairs']} pairs from {s['prompts']} prompts x {k} samples (pass rate {s['pass_rate']:.1%});"
                       f" skipped: all passed {s['skipped_all_passed']}, all failed {s['skipped_all_failed']}, "

@@ -55,6 +55,9 @@ def default_help(text: str, defaults, name: str, note: str = "") -> str:
     return f"{text} [default: {defaults[name]}{note}]".strip()
 
 
+QUIET_HELP = "No progress bars (they are also off when stderr is not a terminal)."
+
+
 @contextmanager
 def progress_bars(quiet: bool = False):
     """A progress hook `(description, total) -> advance(n)` drawing one rich bar per piece of work on stderr

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import err_console, out_console
+from .common import QUIET_HELP, err_console, out_console, progress_bars
 
 app = typer.Typer()
 
@@ -28,8 +28,12 @@ def compress(
     eval_tokens: int = typer.Option(32768, help="Held-out tokens scored before and after each pass."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure decode tokens/s after each pass."),
     list_passes: bool = typer.Option(False, "--list", help="List the available passes and their options."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=f"{QUIET_HELP} No per-pass lines either."),
 ):
     """Compress a checkpoint with passes (pruning, low-rank, quantization), one measured table row per pass.
+
+    Progress bars on stderr follow the calibrated work of each pass, the held-out bits/byte before and after
+    each pass (--data) and the decode speed (--speed); the table goes to stdout at the end.
 
     Examples:
 
@@ -72,11 +76,13 @@ def compress(
         tok = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
         table.add_row(r["pass"], f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", bpb, tok,
                       f"{r['seconds']:.1f}")
-        for note in r.get("notes", []):  # per-layer deviations from the pass's format (quant.int4 fallbacks)
+        for note in r.get("notes", []):  # per-layer deviations from the pass's format (group size fallbacks)
             table.add_row(f"  [dim]{escape(note)}[/]", "", "", "", "", "", "")
-        err_console.print(f"[dim]{r['pass']}: done[/]")
+        if not quiet:
+            err_console.print(f"[dim]{r['pass']}: done[/]")
 
-    run_compress(ckpt, out, specs, data=data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                 eval_tokens=eval_tokens, speed=speed, progress=row)
+    with progress_bars(quiet) as progress:
+        run_compress(ckpt, out, specs, data=data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                     eval_tokens=eval_tokens, speed=speed, progress=progress, on_row=row)
     out_console.print(table)
     out_console.print(f"wrote {out}")

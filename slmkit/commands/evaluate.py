@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..evaluate.suite import SuiteConfig
-from .common import err_console, out_console, print_selection, progress_bars
+from .common import QUIET_HELP, err_console, out_console, print_selection, progress_bars
 
 SUITE = SuiteConfig()  # the defaults `slm eval` shares with recipe eval/select stages
 
@@ -34,8 +34,7 @@ def eval_cmd(
                                    "per forward pass."),
     precision: str = typer.Option(SUITE.precision, help="fp32 | bf16 (lm task)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr "
-                                                            "is not a terminal)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Score a checkpoint: bits per byte on held-out data, multiple-choice and generation tasks.
 
@@ -172,6 +171,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Prefill and decode tokens/s (batch 1 and 8), time to first token, peak memory, size and parameters.
 
@@ -183,11 +183,12 @@ def bench(
         slm bench runs/small
         slm bench runs/small-int4 --batch-sizes 1,4,16 --json runs/small-int4/bench.json
     """
-    from ..evaluate.bench import BenchConfig, bench_checkpoint
+    from ..evaluate.bench import BenchConfig, bench_checkpoint, bench_runs
 
     cfg = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, threads=threads,
                       batch_sizes=tuple(int(b) for b in batch_sizes.split(",") if b.strip()), dtype=precision)
-    r = bench_checkpoint(ckpt, cfg)
+    with progress_bars(quiet) as progress:
+        r = bench_checkpoint(ckpt, cfg, progress("warm-up and timed runs", bench_runs(cfg)) if progress else None)
     t = Table(title=f"{ckpt} ({r['machine']['cpu']}, {r['machine']['torch_threads']} threads)", show_header=False)
     params = f"{r['parameters']:,}"
     if r["active_parameters"] != r["parameters"]:
@@ -220,6 +221,8 @@ def select(
                                                                  "Default: a built-in set."),
     recover_steps: int = typer.Option(60, help="KD recovery steps after structural passes (0: none)."),
     items: int = typer.Option(200, help="Items per built-in task."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or training output from the stages "
+                                                            "(bars are also off when stderr is not a terminal)."),
 ):
     """Build compressed candidates, measure each (quality, size, speed), draw the Pareto fronts and
     recommend the best candidate inside the budget.
@@ -248,5 +251,5 @@ def select(
         "tasks": [t.strip() for t in tasks.split(",") if t.strip()], "references": refs, "items": items}})
     stages.append({"name": "report", "kind": "report", "with": {"title": f"slm select: {base}"}})
     recipe = recipe_from_dict({"name": "select", "workdir": str(out), "stages": stages}, source="slm select")
-    run_recipe(recipe, log=lambda m: err_console.print(m, markup=False, highlight=False))
+    run_recipe(recipe, quiet=quiet, log=lambda m: err_console.print(m, markup=False, highlight=False))
     print_selection(out / "select" / "selection.json", out / "report" / "report.html")

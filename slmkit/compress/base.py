@@ -12,11 +12,17 @@ A pass is three things, registered under a name such as `prune.wanda` or `quant.
 
 Modules a pass swaps in serialise themselves through their state dict (packed integers, scales, sparse
 values and masks), so checkpoints stay plain safetensors.
+
+A pass's long loops (calibration forwards, layer-by-layer solves) report how far they are with
+`pass_progress(description, total)`; the driver decides where that goes (`reporting_progress`), so `apply`
+keeps the one signature every pass has.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -116,6 +122,42 @@ def _load_builtin_passes() -> None:
                 raise
 
 
+# -- progress ---------------------------------------------------------------------------------------------
+
+# The progress hook (`slmkit.evaluate.suite.ProgressHook`: (description, total) -> advance(n)) of the pass
+# being applied; None draws nothing.
+_PROGRESS: ContextVar[Callable | None] = ContextVar("slmkit_pass_progress", default=None)
+
+
+@contextmanager
+def reporting_progress(hook: Callable | None, prefix: str = ""):
+    """Within the block, `pass_progress` bars go to `hook`, their descriptions after `prefix`."""
+    token = _PROGRESS.set(labelled_progress(hook, prefix))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def labelled_progress(hook: Callable | None, prefix: str) -> Callable | None:
+    """`hook` with `prefix` before every description (which model or pass a bar belongs to)."""
+    if hook is None or not prefix:
+        return hook
+    return lambda description, total: hook(f"{prefix}{description}", total)
+
+
+def pass_progress(description: str, total: int | None) -> Callable[[int], None]:
+    """A bar of `total` units on the current progress hook; returns the function to call with units done
+    (a no-op when no hook is set)."""
+    hook = _PROGRESS.get()
+    advance = hook(description, total) if hook is not None else None
+    return advance if advance is not None else _ignore
+
+
+def _ignore(n: int) -> None:
+    pass
+
+
 # -- finding the projections ---------------------------------------------------------------------
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -182,10 +224,12 @@ def collect_inputs(model: nn.Module, modules: dict[str, nn.Module], calib: Calib
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: fn(n, args[0].detach()))
                for n, m in modules.items()]
     device = next(model.parameters()).device
+    advance = pass_progress("calibration forward (sequences)", calib.input_ids.shape[0])
     try:
         with torch.inference_mode():
             for ids in calib.batches(batch_size):
                 model(ids.to(device))
+                advance(ids.shape[0])
     finally:
         for h in handles:
             h.remove()

@@ -1,6 +1,7 @@
 """GPTQ (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers"): the `quant.gptq` pass and the column-by-column quantizer behind it. The formats, modules and
-config are those of `quantize.py`; only how the integer codes are chosen differs.
+config are those of `quantize.py`; only how the integer codes are chosen differs, and a layer whose width
+`group_size` does not divide falls back per layer exactly as in `quant.int4` (`quantize.layer_fallbacks`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Calibration, PassError, collect_inputs, decoder_layers, register_pass, set_module
+from .base import Calibration, PassError, collect_inputs, decoder_layers, pass_progress, register_pass, set_module
 from .qlinear import INT4_QMAX, INT8_QMAX, int4_params, int8_scales
-from .quantize import (GPTQConfig, QuantizedWeight, _module_bytes, _quantized_module, _report, find_quant_targets,
-                       restructure)
+from .quantize import (GPTQConfig, QuantizedWeight, _module_bytes, _quantized_module, _report, fallback_report,
+                       find_quant_targets, layer_fallbacks, layer_format, restructure)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -220,15 +221,17 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
     if calib is None:
         raise PassError("quant.gptq: needs calibration data (input Hessians); pass a Calibration / --data DATASET")
     targets, skipped = find_quant_targets(model, cfg)
+    fallbacks = layer_fallbacks({n: m.in_features for n, m in targets.items()}, cfg)
     before = {n: _module_bytes(m) for n, m in targets.items()}
     layers_report: dict[str, dict] = {}
 
     def quantize(name: str, H: torch.Tensor, X_rows: int) -> None:
         linear = targets[name]
-        qw = gptq_quantize(linear.weight, H, bits=cfg.bits, group_size=cfg.group, act_order=cfg.act_order,
+        fmt = layer_format(cfg, fallbacks.get(name))  # a fallback group divides group_size, so block_size too
+        qw = gptq_quantize(linear.weight, H, bits=fmt[0], group_size=fmt[1], act_order=cfg.act_order,
                            damp=cfg.damp, block_size=cfg.block_size)
         scales = qw.scales.to(linear.weight.dtype)
-        set_module(model, name, _quantized_module(linear, cfg, qw.codes, scales, qw.zeros, cfg.pass_name))
+        set_module(model, name, _quantized_module(linear, fmt, qw.codes, scales, qw.zeros, cfg.pass_name))
         layers_report[name] = {"loss": qw.loss, "damp": qw.damp, "calibration_rows": X_rows}
 
     try:
@@ -240,6 +243,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
         if layers:
             inputs = _capture_first_layer_inputs(model, layers[0], calib)
             owner = {id(sub): i for i, layer in enumerate(layers) for sub in layer.modules()}
+            advance = pass_progress("GPTQ (decoder layers)", len(layers))
             for i, layer in enumerate(layers):
                 here = {n: m for n, m in targets.items() if owner.get(id(m)) == i}
                 for stage in _stages(here):
@@ -257,6 +261,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
                         done.add(n)
                 if i + 1 < len(layers):  # the next layer sees this one's quantized output
                     inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+                advance(1)
             del inputs
         rest = {n: m for n, m in targets.items() if n not in done}
         if rest:  # outside the decoder layers (lm_head): one full forward through the quantized model
@@ -273,4 +278,5 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
     return model, _report(cfg, "gptq", before, model, skipped, act_order=cfg.act_order, damp=cfg.damp,
                           block_size=cfg.block_size, column_order=order, layers=layers_report,
                           calibration="sequential by decoder layer and by projection stage inside each layer "
-                                      "(each stage sees the already-quantized ones before it)")
+                                      "(each stage sees the already-quantized ones before it)",
+                          **fallback_report(fallbacks))

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import PROJECTIONS, Calibration, PassError, collect_inputs, register_pass, set_module, target_linears
+from .base import (PROJECTIONS, Calibration, PassError, collect_inputs, pass_progress, register_pass, set_module,
+                   target_linears)
 
 
 class LowRankLinear(nn.Module):
@@ -188,10 +189,12 @@ def _apply_lowrank(model: nn.Module, cfg: _LowRankConfig, calib: Calibration | N
             raise PassError("lowrank.asvd: needs calibration data (calib=None)")
         grams = _gram_matrices(model, layers, calib)
     ranks, modules = {}, []
+    advance = pass_progress("SVD (projections)", len(layers))
     for name, linear in layers.items():
         out_f, in_f = linear.weight.shape
         S = whitening_factor(grams[name].cpu(), cfg.damp).to(linear.weight.device) if whiten else None
         svd = spectrum(linear.weight, S)
+        advance(1)
         rank = (rank_for_ratio(cfg.ratio, in_f, out_f) if cfg.ratio is not None
                 else rank_for_energy(svd[1], cfg.energy))
         rank = min(rank, min(in_f, out_f))

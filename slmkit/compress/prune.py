@@ -32,7 +32,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .base import PROJECTIONS, Calibration, PassError, decoder_layers, register_pass, set_module
+from .base import PROJECTIONS, Calibration, PassError, decoder_layers, pass_progress, register_pass, set_module
 from .sparse import SparseLinear
 
 SPEEDUP_NOTE = "none (dense kernel; sparse storage only)"
@@ -340,13 +340,16 @@ def _calibrated(model: nn.Module, targets: dict[str, nn.Linear], calib: Calibrat
                 new_stat: Callable[[nn.Linear], object], add: Callable[[object, torch.Tensor], None],
                 prune_one: Callable[[str, nn.Linear, object], None]) -> None:
     """Layer by layer: collect statistics on the model pruned so far, then prune that layer's targets."""
-    for stop_after, names in _layer_groups(model, list(targets), targets):
+    groups = _layer_groups(model, list(targets), targets)
+    advance = pass_progress("calibration, layer by layer", len(groups))
+    for stop_after, names in groups:
         stats = {n: new_stat(targets[n]) for n in names}
         _collect_until(model, {n: targets[n] for n in names}, calib,
                        lambda n, x: add(stats[n], x.reshape(-1, x.shape[-1])), stop_after)
         for n in names:
             prune_one(n, targets[n], stats[n])
         stats.clear()
+        advance(1)
 
 
 # -- passes ---------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ plain `nn.Linear` modules and pruned `SparseLinear` ones (quantize after pruning
 exact zero in both formats); modules of other types under a target name (e.g. low-rank factors) are skipped
 and listed in the report. `lm_head` may be a target only when it is not tied to the input embeddings.
 
-`quant.int4` falls back per layer where `group_size` does not divide the input width: to the largest power of
-two >= 16 below it that does, else to int8 (weight_only) for that layer; each fallback is listed in the
-report (`fallbacks`, `notes`) and replayed exactly on load. `quant.gptq` still refuses such a layer.
+`quant.int4` and `quant.gptq` (bits=4) fall back per layer where `group_size` does not divide the input width:
+to the largest power of two >= 16 below it that does, else to int8 per channel (weight_only) for that layer;
+each fallback is listed in the report (`fallbacks`, `notes`) and replayed exactly on load.
 
 `embeddings=true` (quant.int8 / quant.int4 only) also quantizes the vocabulary matrix, round-to-nearest in
 the pass's format (int4: groups of `group_size` along hidden_size, which it must divide):
@@ -45,10 +45,11 @@ from .qlinear import (INT8_KERNELS, QUANTIZED_LINEARS, Int4Linear, Int8Linear,
                       QuantizedEmbedding, TiedQuantizedHead, int4_params, int8_scales, quantize_int4, quantize_int8)
 
 GROUP_SIZES = (32, 64, 128)
-# Per-layer fallbacks of quant.int4 (RTN) when `group_size` does not divide a layer's input width (SmolLM2's
-# 576 with 128, a 176-wide MLP with 32): the largest power of two >= 16 below it that divides the width, else
-# int8 for that layer. llama.cpp's quantizer does the same per tensor (a k-quant whose 256-wide block does not
-# fit a row falls back to a type whose block does), so one odd layer never refuses the whole model.
+# Per-layer fallbacks of the grouped 4-bit formats (quant.int4, quant.gptq) when `group_size` does not divide a
+# layer's input width (SmolLM2's 576 with 128, a 176-wide MLP with 32): the largest power of two >= 16 below it
+# that divides the width, else int8 for that layer. llama.cpp's quantizer does the same per tensor (a k-quant
+# whose 256-wide block does not fit a row falls back to a type whose block does), so one odd layer never refuses
+# the whole model.
 FALLBACK_GROUP_SIZES = (128, 64, 32, 16)
 ALLOWED_TARGETS = (*PROJECTIONS, "lm_head")
 KERNEL_CHOICES = ("auto", *INT8_KERNELS)
@@ -181,7 +182,8 @@ def int4_layer_format(in_features: int, group_size: int) -> tuple[int, int | Non
     return 8, None
 
 
-def _fallback_record(name: str, in_features: int, group_size: int) -> dict | None:
+def _fallback_record(in_features: int, group_size: int) -> dict | None:
+    """How a layer of this width departs from int4 with `group_size` (None: it does not)."""
     bits, group = int4_layer_format(in_features, group_size)
     if bits == 4 and group == group_size:
         return None
@@ -189,6 +191,28 @@ def _fallback_record(name: str, in_features: int, group_size: int) -> dict | Non
     if bits == 4:
         return {"bits": 4, "group_size": group, "reason": why}
     return {"bits": 8, "kernel": "weight_only", "reason": why}
+
+
+def layer_fallbacks(widths: dict[str, int], cfg: _QuantConfig) -> dict[str, dict]:
+    """{module name: fallback record} for every module (name -> input width) whose width the pass's group
+    size does not divide; empty for per-channel formats."""
+    if cfg.group is None:
+        return {}
+    records = {name: _fallback_record(width, cfg.group) for name, width in widths.items()}
+    return {name: fb for name, fb in records.items() if fb is not None}
+
+
+def layer_format(cfg: _QuantConfig, fallback: dict | None) -> tuple[int, int | None, str]:
+    """(bits, group size, int8 kernel) one module is stored in: its fallback's, else the pass's."""
+    if fallback is None:
+        return cfg.bits, cfg.group, cfg.resolved_kernel
+    return fallback["bits"], fallback.get("group_size"), fallback.get("kernel", cfg.resolved_kernel)
+
+
+def fallback_report(fallbacks: dict[str, dict]) -> dict:
+    """The report entries of a pass's fallbacks: replayed on load (`restructure`) and listed under the pass's
+    row in `slm compress`."""
+    return {"fallbacks": fallbacks, "notes": _fallback_notes(fallbacks)} if fallbacks else {}
 
 
 def _fallback_notes(fallbacks: dict[str, dict]) -> list[str]:
@@ -204,14 +228,13 @@ def _fallback_notes(fallbacks: dict[str, dict]) -> list[str]:
     return notes
 
 
-def find_quant_targets(model: nn.Module, cfg: _QuantConfig, *, group_fallback: bool = False
-                       ) -> tuple[dict[str, nn.Linear], list[dict]]:
+def find_quant_targets(model: nn.Module, cfg: _QuantConfig) -> tuple[dict[str, nn.Linear], list[dict]]:
     """({name: Linear} to quantize, [skipped modules]); validates everything before any weight changes.
 
     With `embeddings=true` and tied embeddings, `lm_head` is never a Linear target (the tied table is
-    quantized by `_quantize_tied_embeddings`); untied, `lm_head` joins the targets. With `group_fallback`,
-    a layer whose width `group_size` does not divide is kept (see `int4_layer_format`) instead of refused."""
-    plan = embedding_plan(model, cfg, group_fallback=group_fallback)
+    quantized by `_quantize_tied_embeddings`); untied, `lm_head` joins the targets. A layer whose width
+    `group_size` does not divide is a target too: it gets a fallback format (`layer_fallbacks`)."""
+    plan = embedding_plan(model, cfg)
     wanted = set(cfg.targets) | ({"lm_head"} if plan == "untied" else set())
     if plan == "tied":
         wanted.discard("lm_head")
@@ -231,11 +254,6 @@ def find_quant_targets(model: nn.Module, cfg: _QuantConfig, *, group_fallback: b
             raise PassError(f"{cfg.pass_name}: targets includes lm_head, but lm_head is tied to the input embeddings "
                             "(tie_word_embeddings=true); quantizing it would change the embeddings too — drop "
                             "lm_head from targets, or set embeddings=true to quantize the tied matrix once")
-        g = cfg.group
-        if g is not None and module.in_features % g and not group_fallback:
-            raise PassError(f"{cfg.pass_name}: group_size={g} does not divide in_features={module.in_features} of "
-                            f"{name}; choose a group_size dividing it, drop {name.rsplit('.', 1)[-1]} from targets, "
-                            "or use quant.int4 (round-to-nearest), which falls back per layer")
         found[name] = module
     if not found and plan != "tied":
         raise PassError(f"{cfg.pass_name}: targets={list(cfg.targets)} matched no nn.Linear in the model")
@@ -246,7 +264,7 @@ def _is_tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
-def embedding_plan(model: nn.Module, cfg: _QuantConfig, *, group_fallback: bool = False) -> str | None:
+def embedding_plan(model: nn.Module, cfg: _QuantConfig) -> str | None:
     """None (embeddings not asked for), "tied" or "untied"; validates the embedding side of the pass."""
     if not getattr(cfg, "embeddings", False):
         return None
@@ -260,10 +278,6 @@ def embedding_plan(model: nn.Module, cfg: _QuantConfig, *, group_fallback: bool 
                         f"(nn.Linear); found {type(emb).__name__} and {type(head).__name__}")
     if not (_is_tied(model) or _is_tied_to_embedding(model, head)):
         return "untied"
-    g = cfg.group
-    if g is not None and emb.embedding_dim % g and not group_fallback:
-        raise PassError(f"{cfg.pass_name}: group_size={g} does not divide hidden_size={emb.embedding_dim} of the "
-                        "tied embeddings (embeddings=true); choose a group_size dividing it, or set embeddings=false")
     return "tied"
 
 
@@ -291,12 +305,14 @@ def _report(cfg: _QuantConfig, method: str, before: dict[str, int], model: nn.Mo
             "skipped": skipped, **extra}
 
 
-def _quantized_module(linear: nn.Linear, cfg: _QuantConfig, codes: torch.Tensor, scales: torch.Tensor,
-                      zeros: torch.Tensor | None, pass_name: str) -> nn.Module:
-    if cfg.bits == 8:
-        m = Int8Linear.from_codes(linear, codes, scales, cfg.resolved_kernel)
+def _quantized_module(linear: nn.Linear, fmt: tuple[int, int | None, str], codes: torch.Tensor,
+                      scales: torch.Tensor, zeros: torch.Tensor | None, pass_name: str) -> nn.Module:
+    """The module storing `codes` in `fmt` = (bits, group size, int8 kernel), as `layer_format` gives it."""
+    bits, group, kernel = fmt
+    if bits == 8:
+        m = Int8Linear.from_codes(linear, codes, scales, kernel)
     else:
-        m = Int4Linear.from_codes(linear, codes, scales, zeros, cfg.group)
+        m = Int4Linear.from_codes(linear, codes, scales, zeros, group)
     m.quantized_by = pass_name
     return m
 
@@ -304,47 +320,37 @@ def _quantized_module(linear: nn.Linear, cfg: _QuantConfig, codes: torch.Tensor,
 # -- round to nearest --------------------------------------------------------------------------------------
 
 def _apply_rtn(model: nn.Module, cfg: _QuantConfig) -> tuple[nn.Module, dict]:
-    fallback = cfg.group is not None  # int4 RTN: per-layer fallbacks instead of refusing the model
-    targets, skipped = find_quant_targets(model, cfg, group_fallback=fallback)
-    plan = embedding_plan(model, cfg, group_fallback=fallback)
+    targets, skipped = find_quant_targets(model, cfg)
+    plan = embedding_plan(model, cfg)
     before = {n: _module_bytes(m) for n, m in targets.items()}
     extra: dict[str, Any] = {}
-    fallbacks: dict[str, dict] = {}
+    widths = {n: m.in_features for n, m in targets.items()}
     if plan == "tied":
         emb_before = _module_bytes(model.model.embed_tokens)
+        widths["model.embed_tokens"] = model.model.embed_tokens.embedding_dim
     elif plan == "untied":
         emb_before = _module_bytes(model.lm_head)
+    fallbacks = layer_fallbacks(widths, cfg)
     for name, linear in targets.items():
-        fb = _fallback_record(name, linear.in_features, cfg.group) if fallback else None
-        bits, group = (fb["bits"], fb.get("group_size")) if fb else (cfg.bits, cfg.group)
+        bits, group, kernel = layer_format(cfg, fallbacks.get(name))
         with torch.no_grad():
-            new = (Int8Linear.from_linear(linear, fb["kernel"] if fb else cfg.resolved_kernel) if bits == 8
-                   else Int4Linear.from_linear(linear, group))
+            new = Int8Linear.from_linear(linear, kernel) if bits == 8 else Int4Linear.from_linear(linear, group)
         new.quantized_by = cfg.pass_name
         set_module(model, name, new)
-        if fb:
-            fallbacks[name] = fb
     if plan == "tied":
         old = model.model.embed_tokens
-        fb = _fallback_record("model.embed_tokens", old.embedding_dim, cfg.group) if fallback else None
-        bits, group = (fb["bits"], fb.get("group_size")) if fb else (cfg.bits, cfg.group)
+        bits, group, kernel = layer_format(cfg, fallbacks.get("model.embed_tokens"))
         with torch.no_grad():
-            emb = QuantizedEmbedding.from_embedding(old, bits, group, fb["kernel"] if fb and bits == 8
-                                                    else cfg.resolved_kernel)
+            emb = QuantizedEmbedding.from_embedding(old, bits, group, kernel)
         emb.packed.quantized_by = cfg.pass_name
         _tie_quantized(model, emb)
-        if fb:
-            fallbacks["model.embed_tokens"] = fb
         extra = {"embeddings": "tied", "embedding_modules": ["model.embed_tokens", "lm_head"],
                  "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(emb)}
     elif plan == "untied":
         extra = {"embeddings": "untied", "embedding_modules": ["lm_head"],
                  "embedding_bytes_before": emb_before, "embedding_bytes_after": _module_bytes(model.lm_head),
                  "embedding_note": "untied: lm_head quantized as a Linear target; model.embed_tokens stays float"}
-    if fallbacks:  # replayed on load (restructure), listed under the pass's row in `slm compress`
-        extra["fallbacks"] = fallbacks
-        extra["notes"] = _fallback_notes(fallbacks)
-    return model, _report(cfg, "round-to-nearest", before, model, skipped, **extra)
+    return model, _report(cfg, "round-to-nearest", before, model, skipped, **extra, **fallback_report(fallbacks))
 
 
 def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
@@ -355,7 +361,7 @@ def restructure(model: nn.Module, cfg: _QuantConfig, record: dict) -> nn.Module:
     if kernel not in INT8_KERNELS:
         raise PassError(f"{cfg.pass_name}: cannot replay: the recorded report has kernel={kernel!r}; "
                         f"expected one of {list(INT8_KERNELS)} (was slmkit.json edited?)")
-    fallbacks = record.get("fallbacks", {})  # per-layer formats that differ from the pass's (quant.int4)
+    fallbacks = record.get("fallbacks", {})  # per-layer formats that differ from the pass's (layer_fallbacks)
     for name in record["modules"]:
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear):

@@ -3,6 +3,9 @@
 Each pass gets one table row: parameters, nonzero parameters, bytes of the stored tensors, held-out bits per
 byte, decode tokens/s at batch 1 (median of a few greedy runs with the KV cache) and seconds taken; the first
 row is the model as loaded. Every configuration is validated before any weight changes.
+
+With a progress hook, the long parts draw bars: each pass's calibrated work (`base.pass_progress`), the held-out
+bits per byte before and after each pass, and each decode-speed measurement.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import yaml
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .base import (PassError, Calibration, calibration_from_dataset, config_to_dict, count_parameters, get_pass,
-                   make_config, state_bytes)
+                   make_config, reporting_progress, state_bytes)
 from .vocab import follow_vocab_trim, kept_ids_of
+
+if TYPE_CHECKING:
+    from ..evaluate.suite import ProgressHook
 
 
 @dataclass
@@ -61,8 +67,9 @@ def load_plan(path: str | Path) -> list[PassSpec]:
 
 @torch.inference_mode()
 def decode_tokens_per_s(model: torch.nn.Module, *, prompt_len: int = 32, new_tokens: int = 64,
-                        repeats: int = 3) -> float:
-    """Greedy decode speed at batch 1 with the KV cache (median over repeats after a warm-up)."""
+                        repeats: int = 3, progress: Callable[[int], None] | None = None) -> float:
+    """Greedy decode speed at batch 1 with the KV cache (median over repeats after a warm-up).
+    `progress(1)` is called after each of the `repeats + 1` runs, outside the timed part."""
     device = next(model.parameters()).device
     prompt = torch.arange(prompt_len, device=device)[None] % model.config.vocab_size
 
@@ -73,19 +80,27 @@ def decode_tokens_per_s(model: torch.nn.Module, *, prompt_len: int = 32, new_tok
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             logits = model(nxt, cache=cache)
-        return new_tokens / (time.perf_counter() - t0)
+        tok_s = new_tokens / (time.perf_counter() - t0)
+        if progress is not None:
+            progress(1)
+        return tok_s
 
     run()
     return statistics.median(run() for _ in range(repeats))
 
 
-def measure(model, evaluate, *, speed: bool) -> dict:
+SPEED_REPEATS = 3  # timed decode runs per table row (after one warm-up)
+
+
+def measure(model, evaluate, *, speed: bool, label: str = "", progress: ProgressHook | None = None) -> dict:
+    """One table row: sizes, held-out bits per byte (`evaluate(model, label)`) and decode tokens/s."""
     total, nonzero = count_parameters(model)
     row = {"parameters": total, "nonzero": nonzero, "bytes": state_bytes(model)}
     if evaluate is not None:
-        row["bits_per_byte"] = evaluate(model)["bits_per_byte"]
+        row["bits_per_byte"] = evaluate(model, label)["bits_per_byte"]
     if speed:
-        row["decode_tok_s"] = decode_tokens_per_s(model)
+        advance = progress(f"{label}: decode speed (runs)", SPEED_REPEATS + 1) if progress is not None else None
+        row["decode_tok_s"] = decode_tokens_per_s(model, repeats=SPEED_REPEATS, progress=advance)
     return row
 
 
@@ -109,15 +124,16 @@ def validate_plan(specs: list[PassSpec], calib_available: bool, earlier: list[st
 
 def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: str | Path | None = None,
              calib_samples: int = 64, calib_seq_len: int = 256, eval_tokens: int = 32768, speed: bool = True,
-             progress=None) -> list[dict]:
-    """Apply `specs` to the checkpoint `ckpt`, write `out`; returns the table rows (first row: the input)."""
+             progress: ProgressHook | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Apply `specs` to the checkpoint `ckpt`, write `out`; returns the table rows (first row: the input).
+    `on_row(row)` is called as each row is measured; `progress` draws the bars (see the module docstring)."""
     ck = load_checkpoint(ckpt)
     configs = validate_plan(specs, data is not None, [p["name"] for p in ck.provenance.get("passes", [])])
     model = ck.model.eval()
     calib, evaluate = None, None
     if data is not None:
         from ..data import check_same_tokenizer, open_dataset, token_byte_lengths
-        from ..evaluate.lm import evaluate_lm
+        from ..evaluate.lm import evaluate_lm, lm_windows
 
         ds = open_dataset(data)
         check_same_tokenizer(ds, ck.tokenizer_path)
@@ -126,18 +142,22 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
         lengths = token_byte_lengths(ds.tokenizer())
         val = ds.split("val")
 
-        def evaluate(m):
-            return evaluate_lm(m, val, lengths, seq_len=calib_seq_len, max_tokens=eval_tokens)
+        def evaluate(m, label: str):
+            windows = lm_windows(len(val), calib_seq_len, eval_tokens)
+            advance = progress(f"{label}: held-out bits/byte (windows)", windows) if progress is not None else None
+            return evaluate_lm(m, val, lengths, seq_len=calib_seq_len, max_tokens=eval_tokens, progress=advance)
 
-    rows = [{"pass": "(input)", **measure(model, evaluate, speed=speed), "seconds": 0.0}]
-    if progress:
-        progress(rows[-1])
+    rows = [{"pass": "(input)", **measure(model, evaluate, speed=speed, label="(input)", progress=progress),
+             "seconds": 0.0}]
+    if on_row:
+        on_row(rows[-1])
     records = []
     tokenizer_dir = ck.path if ck.tokenizer_path else None
     for spec, cfg in zip(specs, configs):
         p = get_pass(spec.name)
         t0 = time.perf_counter()
-        model, report = p.apply(model, cfg, calib if p.needs_calibration else None)
+        with reporting_progress(progress, f"{spec.name}: "):
+            model, report = p.apply(model, cfg, calib if p.needs_calibration else None)
         seconds = time.perf_counter() - t0
         model.eval()
         kept = kept_ids_of(report)
@@ -145,14 +165,15 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
             scratch = tempfile.TemporaryDirectory(prefix="slm-vocab-")  # removed when compress() returns
             tokenizer_dir, val, lengths, calib = follow_vocab_trim(kept, tokenizer_dir or ds.path, scratch.name,
                                                                    val=val, lengths=lengths, calib=calib)
-        row = {"pass": spec.name, **measure(model, evaluate, speed=speed), "seconds": seconds}
+        row = {"pass": spec.name, **measure(model, evaluate, speed=speed, label=spec.name, progress=progress),
+               "seconds": seconds}
         records.append({"name": spec.name, "config": config_to_dict(cfg),
                         "report": {**report, **{k: v for k, v in row.items() if k != "pass"}}})
-        if report.get("notes"):  # e.g. quant.int4's per-layer fallbacks, shown under the pass's row
+        if report.get("notes"):  # e.g. the per-layer group size fallbacks of quant.int4/gptq, shown under the row
             row["notes"] = list(report["notes"])
         rows.append(row)
-        if progress:
-            progress(row)
+        if on_row:
+            on_row(row)
     prov = copy.deepcopy(ck.provenance)
     prov.pop("files", None)
     prov["passes"] = [*prov.get("passes", []), *records]

@@ -17,6 +17,9 @@ Every timing is the median of `repeats` runs after a warm-up, and the result des
 `bench_side_by_side` times several models in rotating rounds in one process, so that their *ratios* hold on
 a machine whose speed drifts (a 2-vCPU virtual machine measured the same checkpoint at 376 and 762 tok/s in
 back-to-back runs); `slm select` uses it for every candidate and reference.
+
+A `progress` callback is called with 1 after each run, warm-ups included and outside the timed part
+(`bench_runs` calls in all); the `*_in_subprocess` functions relay the child's calls as they happen.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -150,8 +155,19 @@ def _summarise(runs: list[tuple[float, float, float]], batch: int, cfg: BenchCon
     return out
 
 
-def bench_model(model, cfg: BenchConfig = BenchConfig()) -> dict:
+def bench_runs(cfg: BenchConfig, models: int = 1) -> int:
+    """Runs `bench_model` (models=1) or `bench_side_by_side` makes: per batch size, a warm-up per model and
+    `repeats` timed rounds (the units of their `progress` calls)."""
+    return len(cfg.batch_sizes) * (models + cfg.repeats)
+
+
+def _no_progress(n: int) -> None:
+    pass
+
+
+def bench_model(model, cfg: BenchConfig = BenchConfig(), progress: Callable[[int], None] | None = None) -> dict:
     """Timings of an already loaded model (see the module docstring)."""
+    progress = progress or _no_progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_context(model, cfg)
@@ -160,20 +176,27 @@ def bench_model(model, cfg: BenchConfig = BenchConfig()) -> dict:
     out: dict = {}
     for b in cfg.batch_sizes:
         _time_once(model, b, cfg, amp)  # warm-up: allocator, kernels, caches, the kernel choice
-        out.update(_summarise([_time_once(model, b, cfg, amp) for _ in range(cfg.repeats)], b, cfg))
+        progress(1)
+        runs = []
+        for _ in range(cfg.repeats):
+            runs.append(_time_once(model, b, cfg, amp))
+            progress(1)
+        out.update(_summarise(runs, b, cfg))
     return out
 
 
 SIDE_BY_SIDE_CHUNK = 8  # decode steps a model runs before the next model takes over
 
 
-def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = BenchConfig()) -> dict[str, dict]:
+def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = BenchConfig(),
+                       progress: Callable[[int], None] | None = None) -> dict[str, dict]:
     """Timings of several loaded models, interleaved so that they share the machine's slow and fast phases
     and their *ratios* hold on a machine whose speed drifts. Each of `cfg.repeats` rounds prefills every
     model (in an order that rotates from round to round), then decodes them in turns of SIDE_BY_SIDE_CHUNK
     steps until each has made `new_tokens` steps. A model's decode step time is the median of all its steps
     (the first step of a turn, slowed by the other models' weights in the caches, does not decide it);
     prefill and time to first token are medians over rounds."""
+    progress = progress or _no_progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     names = list(models)
@@ -185,6 +208,7 @@ def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = Be
     for b in cfg.batch_sizes:
         for n in names:
             _time_once(models[n], b, cfg, amps[n])  # warm-up
+            progress(1)
         prefills: dict[str, list] = {n: [] for n in names}
         steps: dict[str, list] = {n: [] for n in names}
         for r in range(cfg.repeats):
@@ -197,12 +221,14 @@ def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = Be
                     runs[n].decode(min(SIDE_BY_SIDE_CHUNK, cfg.new_tokens - start))
             for n in order:
                 steps[n].extend(runs[n].steps)
+            progress(1)
         for n in names:
             out[n].update(_summarise([(p, t, statistics.median(steps[n])) for p, t in prefills[n]], b, cfg))
     return out
 
 
-def bench_checkpoint(path: str | Path, cfg: BenchConfig = BenchConfig()) -> dict:
+def bench_checkpoint(path: str | Path, cfg: BenchConfig = BenchConfig(),
+                     progress: Callable[[int], None] | None = None) -> dict:
     """Load `path` and measure it in this process (peak memory is this process's high-water mark)."""
     from ..checkpoint import load_checkpoint
     from ..compress.base import count_parameters
@@ -218,28 +244,59 @@ def bench_checkpoint(path: str | Path, cfg: BenchConfig = BenchConfig()) -> dict
         from ..model.moe import active_parameters
 
         result["active_parameters"] = active_parameters(ck.model)
-    result.update(bench_model(ck.model, cfg))
+    result.update(bench_model(ck.model, cfg, progress))
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
-def bench_in_subprocess(path: str | Path, cfg: BenchConfig = BenchConfig(), *, timeout: float = 1800) -> dict:
+def bench_in_subprocess(path: str | Path, cfg: BenchConfig = BenchConfig(), *, timeout: float = 1800,
+                        progress: Callable[[int], None] | None = None) -> dict:
     """`bench_checkpoint` in a fresh Python process, so the peak memory is this checkpoint's alone."""
-    return _run_child([str(path)], cfg, timeout)
+    return _run_child([str(path)], cfg, timeout, progress)
 
 
 def side_by_side_in_subprocess(paths: dict[str, str | Path], cfg: BenchConfig = BenchConfig(), *,
-                               timeout: float = 3600) -> dict[str, dict]:
+                               timeout: float = 3600, progress: Callable[[int], None] | None = None
+                               ) -> dict[str, dict]:
     """`bench_side_by_side` of the checkpoints `paths` (name -> directory), all loaded in one fresh process."""
-    return _run_child(["--side-by-side", json.dumps({n: str(p) for n, p in paths.items()})], cfg, timeout)
+    return _run_child(["--side-by-side", json.dumps({n: str(p) for n, p in paths.items()})], cfg, timeout, progress)
 
 
-def _run_child(args: list[str], cfg: BenchConfig, timeout: float):
+_PROGRESS_LINE = "slmkit-bench-progress "  # how the child reports a finished run on its stderr
+
+
+def _run_child(args: list[str], cfg: BenchConfig, timeout: float, progress: Callable[[int], None] | None):
     cmd = [sys.executable, "-m", "slmkit.evaluate.bench", *args, "--config", json.dumps(asdict(cfg))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if progress is not None:
+        cmd.append("--progress")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout: list[str] = []
+    stderr: list[str] = []
+
+    def relay_stderr() -> None:
+        for line in proc.stderr:
+            if progress is not None and line.startswith(_PROGRESS_LINE):
+                progress(int(line[len(_PROGRESS_LINE):]))
+            else:
+                stderr.append(line)
+
+    # Both pipes are drained by threads while this one waits, so neither can fill up and stall the child.
+    readers = [threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True),
+               threading.Thread(target=relay_stderr, daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    except BaseException:  # a timeout or an interrupt: the child does not outlive the wait
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for t in readers:
+            t.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {' '.join(args)} failed:\n{proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"benchmark of {' '.join(args)} failed:\n{''.join(stderr).strip()[-2000:]}")
+    return json.loads("".join(stdout).strip().splitlines()[-1])
 
 
 def _main(argv: list[str]) -> None:
@@ -250,18 +307,20 @@ def _main(argv: list[str]) -> None:
     p.add_argument("ckpt", nargs="?")
     p.add_argument("--side-by-side", help="JSON object name -> checkpoint: time them in rounds in this process")
     p.add_argument("--config", default="{}")
+    p.add_argument("--progress", action="store_true", help="report each finished run on stderr")
     a = p.parse_args(argv)
     raw = json.loads(a.config)
     if "batch_sizes" in raw:
         raw["batch_sizes"] = tuple(raw["batch_sizes"])
     cfg = BenchConfig(**raw)
+    progress = (lambda n: print(f"{_PROGRESS_LINE}{n}", file=sys.stderr, flush=True)) if a.progress else None
     if a.side_by_side:
         from ..checkpoint import load_checkpoint
 
         models = {n: load_checkpoint(p).model for n, p in json.loads(a.side_by_side).items()}
-        print(json.dumps(bench_side_by_side(models, cfg)))
+        print(json.dumps(bench_side_by_side(models, cfg, progress)))
     else:
-        print(json.dumps(bench_checkpoint(a.ckpt, cfg)))
+        print(json.dumps(bench_checkpoint(a.ckpt, cfg, progress)))
 
 
 if __name__ == "__main__":

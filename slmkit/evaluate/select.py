@@ -16,9 +16,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bench import BenchConfig, bench_in_subprocess
+from ..compress.base import labelled_progress
+from .bench import BenchConfig, bench_in_subprocess, bench_runs
 from .pareto import parse_budget, pareto_front, recommend
-from .suite import SuiteConfig, evaluate_checkpoint, parse_tasks
+from .suite import ProgressHook, SuiteConfig, evaluate_checkpoint, parse_tasks
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,10 @@ class MeasureConfig:
 
 
 def measure(path: str | Path, data: str | Path | None, cfg: MeasureConfig, cache_dir: Path | None = None,
-            log=print) -> dict:
-    """Quality (eval suite) + speed, memory, size (bench in a fresh process) of one checkpoint, cached."""
+            log=print, progress: ProgressHook | None = None, name: str | None = None) -> dict:
+    """Quality (eval suite) + speed, memory, size (bench in a fresh process) of one checkpoint, cached.
+    With `progress`, each task and the benchmark draw a bar named after the candidate (`name`, default: the
+    checkpoint directory's name); a cached measurement draws none."""
     path = Path(path)
     key = hashlib.sha256(json.dumps({"weights": weights_digest(path), "data": str(data), "tasks": cfg.tasks,
                                      "suite": asdict(cfg.suite), "bench": asdict(cfg.bench)},
@@ -128,8 +131,11 @@ def measure(path: str | Path, data: str | Path | None, cfg: MeasureConfig, cache
         log(f"      measurement cached: {path}")
         return json.loads(cached.read_text())
     log(f"      measuring {path}")
-    quality = evaluate_checkpoint(path, cfg.tasks, data=data, cfg=cfg.suite)
-    speed = bench_in_subprocess(path, cfg.bench)
+    progress = labelled_progress(progress, f"{name or path.name}: ")
+    quality = evaluate_checkpoint(path, cfg.tasks, data=data, cfg=cfg.suite, progress=progress)
+    advance = progress("speed and memory (runs in a fresh process)", bench_runs(cfg.bench)) \
+        if progress is not None else None
+    speed = bench_in_subprocess(path, cfg.bench, progress=advance)
     row = {"checkpoint": str(path), **quality["summary"],
            **{k: v for k, v in speed.items() if k not in ("config", "checkpoint")}}
     if cached is not None:

@@ -130,3 +130,18 @@ def test_slm_pairs_user_error_exits_2(tiny_ckpt, tmp_path):
                         "--verifier", "nope", "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True,
                        env=ENV, timeout=120)
     assert r.returncode == 2 and "unknown verifier 'nope'" in r.stderr
+
+
+def test_slm_pairs_draws_sampling_and_verifying_bars_on_a_terminal_only(tiny_ckpt, tmp_path, monkeypatch):
+    from progress_capture import run_slm
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\nimport os\nclass Queue:\n")
+    args = ["pairs", tiny_ckpt, "--prompts", prompts, "--verifier", "regex:pattern=e", "-k", 3, "-n", 4,
+            "--batch-prompts", 2]
+    out, err = run_slm(monkeypatch, *args, "--out", tmp_path / "a.jsonl", terminal=True)
+    assert "sampling (3 prompts x 3)" in err and "verifying (regex" in err and "9/9" in err, err
+    assert "pairs from 3 prompts x 3 samples" in out and "prompts x 3)" not in out
+    for flags, terminal in ((["--quiet"], True), ([], False)):  # quiet on a terminal; stderr a pipe
+        out, err = run_slm(monkeypatch, *args, *flags, "--out", tmp_path / "b.jsonl", terminal=terminal)
+        assert err == "" and "pairs from 3 prompts x 3 samples" in out

@@ -138,3 +138,90 @@ def test_int4_without_fallbacks_reports_none(trained, tmp_path):
     rows = compress(trained, tmp_path / "q", [parse_pass("quant.int4:group_size=32")], speed=False)
     report = load_checkpoint(tmp_path / "q").provenance["passes"][-1]["report"]
     assert "fallbacks" not in report and "notes" not in rows[-1]
+
+
+def test_progress_covers_calibration_eval_and_speed_with_the_right_totals(trained, tiny_dataset, tmp_path):
+    from progress_capture import record_bars
+
+    bars, hook = record_bars()
+    rows = compress(trained, tmp_path / "c", [parse_pass("prune.wanda:sparsity=0.5,targets=gate_proj+up_proj"),
+                                              parse_pass("lowrank.asvd:ratio=0.9,targets=down_proj"),
+                                              parse_pass("quant.gptq:group_size=32")],
+                    data=tiny_dataset, calib_samples=8, calib_seq_len=32, eval_tokens=100, speed=True,
+                    progress=hook)
+    assert len(rows) == 4
+    windows = 4  # ceil(100 / 32) held-out windows per bits/byte
+    for label in ("(input)", "prune.wanda", "lowrank.asvd", "quant.gptq"):
+        assert bars.pop(f"{label}: held-out bits/byte (windows)") == [windows, windows]
+        assert bars.pop(f"{label}: decode speed (runs)") == [4, 4]  # a warm-up and three timed runs
+    assert bars.pop("prune.wanda: calibration, layer by layer") == [2, 2]
+    assert bars.pop("lowrank.asvd: calibration forward (sequences)") == [8, 8]
+    assert bars.pop("lowrank.asvd: SVD (projections)") == [2, 2]
+    assert bars.pop("quant.gptq: GPTQ (decoder layers)") == [2, 2]
+    assert bars == {}
+
+
+def test_slm_compress_draws_bars_on_a_terminal_and_is_silent_when_quiet(trained, tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    from progress_capture import run_slm
+
+    args = ["compress", trained, "--data", tiny_dataset, "--pass", "quant.int8", "--calib-seq-len", "32",
+            "--eval-tokens", "64"]
+    out, err = run_slm(monkeypatch, *args, "-o", tmp_path / "a", terminal=True)
+    for text in ("(input): held-out bits/byte", "quant.int8: held-out bits/byte", "quant.int8: decode speed",
+                 "2/2", "4/4", "quant.int8: done"):
+        assert text in err, err
+    assert "held-out bits/byte" not in out and "wrote" in out
+    out, err = run_slm(monkeypatch, *args, "-o", tmp_path / "b", "--quiet", terminal=True)
+    assert err == "" and "wrote" in out
+    out, err = run_slm(monkeypatch, *args, "-o", tmp_path / "c", terminal=False)  # a pipe: lines, no bars
+    assert "held-out bits/byte" not in err and "quant.int8: done" in err
+
+
+def test_gptq_falls_back_per_layer_reloads_and_generates(tiny_dataset, tmp_path):
+    """Hidden 72 with group_size=64: no power-of-two group >= 16 divides 72, so those projections are int8 per
+    channel (GPTQ-chosen codes); down_proj's 160 takes group 32. Each fallback is reported and replayed on load."""
+    from slmkit.checkpoint import save_checkpoint
+    from slmkit.compress.base import calibration_from_dataset, get_pass, make_config
+    from slmkit.compress.qlinear import Int4Linear, Int8Linear
+    from slmkit.data import open_dataset
+    from slmkit.model import CausalLM, ModelConfig
+    from slmkit.serve.generate import SamplingParams, generate
+
+    ds = open_dataset(tiny_dataset)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=ds.vocab_size, hidden_size=72, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=ds.bos_token_id, eos_token_id=ds.eos_token_id, pad_token_id=ds.pad_token_id)
+    save_checkpoint(CausalLM(cfg), tmp_path / "in", tokenizer_from=tiny_dataset)
+    rows = compress(tmp_path / "in", tmp_path / "out", [parse_pass("quant.gptq:group_size=64")], data=tiny_dataset,
+                    calib_samples=8, calib_seq_len=32, eval_tokens=256, speed=False)
+    ck = load_checkpoint(tmp_path / "out")
+    report = ck.provenance["passes"][-1]["report"]
+    fb = report["fallbacks"]
+    assert len(report["modules"]) == len(fb) == 2 * 7
+    why72 = "group_size=64 does not divide in_features=72"
+    assert fb["model.layers.0.self_attn.q_proj"] == {"bits": 8, "kernel": "weight_only", "reason": why72}
+    assert fb["model.layers.1.mlp.down_proj"] == {"bits": 4, "group_size": 32,
+                                                   "reason": "group_size=64 does not divide in_features=160"}
+    assert rows[-1]["notes"] == [
+        f"int8 per channel (no group >= 16 fits) on 12 module(s) (gate_proj, k_proj, o_proj, q_proj, up_proj, "
+        f"v_proj): {why72}",
+        "int4 group_size=32 on 2 module(s) (down_proj): group_size=64 does not divide in_features=160"]
+    assert set(report["layers"]) == set(fb)  # every module was quantized by GPTQ, fallbacks included
+    layer = ck.model.model.layers[1]
+    assert isinstance(layer.self_attn.q_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+    assert layer.mlp.down_proj.group_size == 32
+    assert 0 < rows[-1]["bits_per_byte"] < 2 * rows[0]["bits_per_byte"]
+    # save -> load is the identity: the pass applied in memory to the same calibration gives the same logits
+    mem = load_checkpoint(tmp_path / "in").model.eval()
+    mem, _ = get_pass("quant.gptq").apply(mem, make_config("quant.gptq", {"group_size": 64}),
+                                          calibration_from_dataset(ds, samples=8, seq_len=32))
+    x = torch.randint(0, ds.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(ck.model.eval()(x), mem(x))
+    prompts = ["def add(a, b):", "class Point:", "for i in"]
+    for dtype in (None, torch.bfloat16):  # bf16: int8 rows of width 72 must take the safe path on AVX-512
+        out = generate(ck.model, ck.tokenizer(), prompts, SamplingParams(max_new_tokens=6, temperature=0,
+                                                                        stop_token_ids=[]), dtype=dtype)
+        assert [len(o.token_ids) for o in out] == [6, 6, 6]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slmkit.checkpoint import save_checkpoint
-from slmkit.evaluate.bench import BenchConfig, bench_checkpoint, bench_in_subprocess
+from slmkit.evaluate.bench import BenchConfig, bench_checkpoint, bench_in_subprocess, bench_runs
 from slmkit.model import CausalLM, ModelConfig
 
 
@@ -20,7 +20,9 @@ def ckpt(tmp_path_factory, tiny_dataset):
 
 def test_bench_reports_every_figure(ckpt):
     cfg = BenchConfig(prompt_len=16, new_tokens=8, batch_sizes=(1, 4), repeats=2)
-    r = bench_checkpoint(ckpt, cfg)
+    runs = []
+    r = bench_checkpoint(ckpt, cfg, progress=runs.append)
+    assert runs == [1] * bench_runs(cfg) and bench_runs(cfg) == 2 * (1 + 2)  # a warm-up and 2 runs per batch size
     for key in ("prefill_tok_s_b1", "decode_tok_s_b1", "prefill_tok_s_b4", "decode_tok_s_b4", "ttft_ms",
                 "decode_ms_per_token", "peak_rss_bytes"):
         assert r[key] > 0, key
@@ -31,8 +33,11 @@ def test_bench_reports_every_figure(ckpt):
 
 
 def test_bench_in_a_fresh_process_and_bad_config(ckpt):
-    r = bench_in_subprocess(ckpt, BenchConfig(prompt_len=8, new_tokens=4, batch_sizes=(1,), repeats=1))
+    cfg = BenchConfig(prompt_len=8, new_tokens=4, batch_sizes=(1,), repeats=1)
+    runs = []
+    r = bench_in_subprocess(ckpt, cfg, progress=runs.append)  # the child's runs relayed as they finish
     assert r["decode_tok_s_b1"] > 0 and r["peak_rss_bytes"] > 0
+    assert runs == [1] * bench_runs(cfg) == [1, 1]
     with pytest.raises(ValueError, match="exceeds the model's context of 128"):
         bench_checkpoint(ckpt, BenchConfig(prompt_len=120, new_tokens=16, repeats=1))
     with pytest.raises(ValueError, match="dtype"):
@@ -76,9 +81,11 @@ def test_side_by_side_interleaves_models_in_rotating_rounds(ckpt, monkeypatch):
 def test_side_by_side_in_a_fresh_process(ckpt):
     from slmkit.evaluate.bench import side_by_side_in_subprocess
 
-    out = side_by_side_in_subprocess({"x": ckpt, "y": ckpt}, BenchConfig(prompt_len=8, new_tokens=4,
-                                                                          batch_sizes=(1, 2), repeats=1))
+    cfg = BenchConfig(prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=1)
+    runs = []
+    out = side_by_side_in_subprocess({"x": ckpt, "y": ckpt}, cfg, progress=runs.append)
     assert set(out) == {"x", "y"} and all(out[n]["decode_tok_s_b2"] > 0 for n in out)
+    assert len(runs) == bench_runs(cfg, models=2) == 2 * (2 + 1)  # per batch size: 2 warm-ups and 1 round
     with pytest.raises(RuntimeError, match="benchmark of --side-by-side"):
         side_by_side_in_subprocess({"x": ckpt.parent / "missing"}, BenchConfig(repeats=1))
 
