@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..align.defaults import PAIRS_SAMPLING
 from ..data.sources import DEFAULT_MAX_FILE_BYTES
+from ..commands.common import progress_bars
 from ..evaluate.suite import SuiteConfig
 from .recipe import RecipeError, RunContext
 
@@ -239,9 +240,10 @@ class PairsOptions:
 def run_pairs(opts: PairsOptions, out: Path, ctx: RunContext) -> dict:
     from ..align.pairs import pairs_from_checkpoint
 
-    stats = pairs_from_checkpoint(opts.ckpt, opts.prompts, opts.verifier, out / "pairs.jsonl", limit=opts.limit,
-                                  say=ctx.log, k=opts.k, temperature=opts.temperature, top_p=opts.top_p,
-                                  max_new_tokens=opts.max_new_tokens, seed=opts.seed)
+    with progress_bars(ctx.quiet) as progress:
+        stats = pairs_from_checkpoint(opts.ckpt, opts.prompts, opts.verifier, out / "pairs.jsonl", limit=opts.limit,
+                                      say=ctx.log, k=opts.k, temperature=opts.temperature, top_p=opts.top_p,
+                                      max_new_tokens=opts.max_new_tokens, seed=opts.seed, progress=progress)
     if stats.pairs == 0:
         raise RecipeError(f"{ctx.recipe.source}: pairs: no preference pairs ({stats.to_dict()}); sample more "
                           "(k, limit, temperature) or use a verifier the model sometimes passes")
@@ -286,9 +288,10 @@ def run_compress(opts: CompressOptions, out: Path, ctx: RunContext) -> dict:
 
     if not opts.passes:
         raise RecipeError(f"{ctx.recipe.source}: a compress stage needs at least one pass")
-    rows = compress(opts.ckpt, out, [parse_pass(str(p)) for p in opts.passes], data=opts.data,
-                    calib_samples=opts.calib_samples, calib_seq_len=opts.calib_seq_len,
-                    eval_tokens=opts.eval_tokens, speed=False)
+    with progress_bars(ctx.quiet) as progress:
+        rows = compress(opts.ckpt, out, [parse_pass(str(p)) for p in opts.passes], data=opts.data,
+                        calib_samples=opts.calib_samples, calib_seq_len=opts.calib_seq_len,
+                        eval_tokens=opts.eval_tokens, speed=False, progress=progress)
     last = rows[-1]
     return {k: last[k] for k in ("parameters", "nonzero", "bytes", "bits_per_byte") if k in last}
 
@@ -314,7 +317,8 @@ def run_eval(opts: EvalOptions, out: Path, ctx: RunContext) -> dict:
 
     cfg = SuiteConfig(seq_len=opts.seq_len, max_tokens=opts.max_tokens, items=opts.items,
                       max_new_tokens=opts.max_new_tokens)
-    res = evaluate_checkpoint(opts.ckpt, parse_tasks(list(opts.tasks)), data=opts.data, cfg=cfg)
+    with progress_bars(ctx.quiet) as progress:
+        res = evaluate_checkpoint(opts.ckpt, parse_tasks(list(opts.tasks)), data=opts.data, cfg=cfg, progress=progress)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     return res["summary"]
 
@@ -365,7 +369,7 @@ def _named(value: Any) -> dict[str, str]:
 
 
 def run_select(opts: SelectOptions, out: Path, ctx: RunContext) -> dict:
-    from ..evaluate.bench import BenchConfig, side_by_side_in_subprocess
+    from ..evaluate.bench import BenchConfig, bench_runs, side_by_side_in_subprocess
     from ..evaluate.select import MeasureConfig, choose, measure
     from ..evaluate.suite import SuiteConfig, parse_tasks
 
@@ -377,11 +381,18 @@ def run_select(opts: SelectOptions, out: Path, ctx: RunContext) -> dict:
     cache = ctx.recipe.workdir / ".measure-cache"
     candidates = _named(opts.candidates)
     references = _named(opts.references)
-    refs = {n: measure(p, opts.data, cfg, cache, log=ctx.log) for n, p in references.items()}
-    rows = [measure(p, opts.data, cfg, cache, log=ctx.log) for p in candidates.values()]
+    with progress_bars(ctx.quiet) as progress:
+        refs = {n: measure(p, opts.data, cfg, cache, log=ctx.log, progress=progress, name=f"ref:{n}")
+                for n, p in references.items()}
+        rows = [measure(p, opts.data, cfg, cache, log=ctx.log, progress=progress, name=n)
+                for n, p in candidates.items()]
+        if opts.side_by_side:
+            ctx.log(f"      timing {len(candidates) + len(references)} models side by side, {bench.repeats} rounds")
+            models = {**{f"ref:{n}": p for n, p in references.items()}, **candidates}
+            advance = progress(f"{len(models)} models side by side (runs)", bench_runs(bench, len(models))) \
+                if progress is not None else None
+            speeds = side_by_side_in_subprocess(models, bench, progress=advance)
     if opts.side_by_side:
-        ctx.log(f"      timing {len(candidates) + len(references)} models side by side, {bench.repeats} rounds")
-        speeds = side_by_side_in_subprocess({**{f"ref:{n}": p for n, p in references.items()}, **candidates}, bench)
         for n, row in [*((f"ref:{n}", r) for n, r in refs.items()), *zip(candidates, rows)]:
             row.update(speeds[n], speed_timing=f"side by side, median of {bench.repeats} rounds")
     selection = choose(rows, list(candidates), opts.budget, opts.objective, refs)
