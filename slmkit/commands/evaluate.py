@@ -89,12 +89,12 @@ def eval_cmd(
 
 def _eval_lm(ckpt, data, cfg, json_out, progress) -> None:
     from ..checkpoint import load_checkpoint
-    from ..data import check_same_tokenizer, open_dataset
+    from ..compress.vocab_remap import dataset_for_checkpoint
+    from ..data import open_dataset
     from ..evaluate.suite import score_lm
 
     ck = load_checkpoint(ckpt)
-    ds = open_dataset(data)
-    check_same_tokenizer(ds, ck.tokenizer_path)
+    ds = dataset_for_checkpoint(open_dataset(data), ckpt, splits=(cfg.split,))  # trimmed vocabularies remapped
     res = score_lm(ck.model, ds, cfg, progress)  # the same function `--tasks lm,...` uses
     table = Table(title=f"{ckpt} on {data} ({cfg.split})")
     for k in ("bits_per_byte", "perplexity", "accuracy", "loss", "tokens", "bytes"):

@@ -132,11 +132,12 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
     model = ck.model.eval()
     calib, evaluate = None, None
     if data is not None:
-        from ..data import check_same_tokenizer, open_dataset, token_byte_lengths
+        from ..data import open_dataset, token_byte_lengths
         from ..evaluate.lm import evaluate_lm, lm_windows
+        from .vocab_remap import dataset_for_checkpoint
 
-        ds = open_dataset(data)
-        check_same_tokenizer(ds, ck.tokenizer_path)
+        # the dataset must speak the checkpoint's tokenizer; a vocabulary-trimmed checkpoint reads it remapped
+        ds = dataset_for_checkpoint(open_dataset(data), ck.path, splits=("train", "val"))
         if any(get_pass(s.name).needs_calibration for s in specs):
             calib = calibration_from_dataset(ds, samples=calib_samples, seq_len=calib_seq_len)
         lengths = token_byte_lengths(ds.tokenizer())

@@ -371,3 +371,22 @@ def test_evaluation_reads_the_original_dataset_in_a_trimmed_checkpoints_ids(trim
                           progress=False)
     with pytest.raises(TokenizerMismatchError, match="is not the tokenizer dataset"):
         dataset_for_checkpoint(open_dataset(domain_ds.path.parent / "other"), out)
+
+
+def test_a_trimmed_checkpoint_compresses_and_evaluates_with_the_original_dataset(trimmed, domain_ds, tmp_path):
+    """Quantizing a trimmed checkpoint later (`slm compress OUT --data DS`) and `slm eval --tasks lm` read the
+    dataset it was trimmed from, carried into its ids, instead of refusing the tokenizer."""
+    import subprocess
+    import sys
+
+    out, rows = trimmed
+    q = compress(out, tmp_path / "q", [parse_pass("quant.int8")], data=domain_ds.path, calib_samples=4,
+                 calib_seq_len=32, eval_tokens=1024, speed=False)
+    assert q[0]["bits_per_byte"] == pytest.approx(rows[1]["bits_per_byte"], rel=1e-5)  # the same text, same ids
+    assert abs(q[1]["bits_per_byte"] - q[0]["bits_per_byte"]) < 0.05
+    r = subprocess.run([sys.executable, "-m", "slmkit.cli", "eval", str(tmp_path / "q"), "--data", str(domain_ds.path),
+                        "--tasks", "lm", "--max-tokens", "1024", "--seq-len", "32", "--json", str(tmp_path / "e.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "e.json").read_text())["bits_per_byte"] == pytest.approx(q[1]["bits_per_byte"],
+                                                                                          rel=1e-4)
