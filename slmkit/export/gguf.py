@@ -32,9 +32,13 @@ its rows are not a multiple of 256. Every such choice is listed in the result.
 Tokenizer. Byte-level BPE goes in as `tokenizer.ggml.model = gpt2` with tokens, token types (special added
 tokens are CONTROL, other added tokens USER_DEFINED, unused ids UNUSED), merges, bos/eos/pad ids, add_bos and
 the chat template. `tokenizer.ggml.pre` must name the pre-tokenizer regex llama.cpp should use; it is read off
-tokenizer.json: a plain ByteLevel pre-tokenizer (slmkit's, GPT-2's regex) is `gpt-2`, the Llama-3 and Qwen2
-split regexes are `llama-bpe` and `qwen2`; anything else is refused rather than guessed. add_bos follows
-slmkit's `generate`, which prepends bos whenever the model has a bos_token_id.
+tokenizer.json's pre_tokenizer with the table the importer builds from (`gguf_tokenizer.PRE_TOKENIZERS`): a
+plain ByteLevel (slmkit's, GPT-2's regex) is `gpt-2`, the Llama-3 and Qwen2 split regexes are `llama-bpe` and
+`qwen2`, digits split one by one before GPT-2's regex (SmolLM) is `smollm`; anything else is refused rather
+than guessed. A checkpoint imported from a GGUF file keeps that file's name (recorded in slmkit.json) when it
+is an alias of the detected split (`llama3` for `llama-bpe`). The BPE model's `ignore_merges` must be what
+llama.cpp does for that name (set for `llama-bpe` only). add_bos follows slmkit's `generate`, which prepends bos
+whenever the model has a bos_token_id.
 
 Not expressible in GGUF, and refused with what to do instead: Linformer attention, Transformer-XL memory,
 low-rank factorized or slmkit-quantized modules, and per-layer sizes. Pruned `SparseLinear` projections are
@@ -57,6 +61,8 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..model import CausalLM, ModelConfig
 from ..model.config import read_json_object
 from ..model.rope import rope_inverse_frequencies
+from .gguf_tokenizer import (PRE_TOKENIZERS, SUPPORTED_SPLITS, pre_tokenizer_named,
+                             pre_tokenizer_splits)
 from .q6k import quantize_q6_k
 
 try:
@@ -68,13 +74,6 @@ except ImportError:  # pragma: no cover - the extra is documented in the error b
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's name for byte-level BPE with merges
 
-# Split regexes of tokenizer.json pre-tokenizers (Sequence[Split(regex), ByteLevel(use_regex=false)]) and the
-# llama.cpp pre-tokenizer that splits the same way (see llama-vocab.cpp). ByteLevel(use_regex=true) is GPT-2's.
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLIT_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 # llama.cpp (llama-vocab.cpp) patches token attributes by `general.name`; these names break a byte-level vocab.
 NAMES_LLAMA_CPP_SPECIAL_CASES = ("phi3", "phi-3")
 
@@ -114,7 +113,7 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "f16"
         raise GGUFExportError(f"cannot export {ckpt_dir}: {e}") from None
     model, config = ckpt.model, ckpt.config
     arch, notes = check_gguf_exportable(model, where=ckpt_dir, passes=ckpt.provenance.get("passes", []))
-    vocab = read_vocab(ckpt_dir, config)
+    vocab = read_vocab(ckpt_dir, config, imported_pre=imported_pre_name(ckpt.provenance))
 
     writer = gguf.GGUFWriter(None, arch)
     name = ckpt_dir.resolve().name
@@ -347,8 +346,9 @@ class GGUFVocab:
     chat_template: str | list | None
 
 
-def read_vocab(ckpt_dir: Path, config: ModelConfig) -> GGUFVocab:
-    """Read tokenizer.json (+ tokenizer_config.json) of a checkpoint into llama.cpp's vocabulary layout."""
+def read_vocab(ckpt_dir: Path, config: ModelConfig, *, imported_pre: str | None = None) -> GGUFVocab:
+    """Read tokenizer.json (+ tokenizer_config.json) of a checkpoint into llama.cpp's vocabulary layout;
+    `imported_pre` is the pre-tokenizer name of the GGUF file the checkpoint was imported from, if any."""
     path = ckpt_dir / "tokenizer.json"
     if not path.exists():
         raise GGUFExportError(f"{ckpt_dir}: no tokenizer.json; llama.cpp needs the vocabulary inside the GGUF "
@@ -362,7 +362,14 @@ def read_vocab(ckpt_dir: Path, config: ModelConfig) -> GGUFVocab:
         raise GGUFExportError(f"{path}: a SentencePiece-style BPE (byte_fallback, as in Llama 2, Mistral and "
                               "Phi-3) is llama.cpp's `llama` vocabulary type, which this exporter does not write; "
                               "run llama.cpp's convert_hf_to_gguf.py on the output of `slm export hf` instead")
-    pre = pre_tokenizer_name(data, path)
+    pre = pre_tokenizer_name(data, path, preferred=imported_pre)
+    llama_cpp_ignores_merges = PRE_TOKENIZERS[pre].ignore_merges
+    if bool(model.get("ignore_merges")) != llama_cpp_ignores_merges:
+        raise GGUFExportError(
+            f"{path}: model.ignore_merges={not llama_cpp_ignores_merges}, but llama.cpp's `{pre}` tokenizer runs with "
+            f"ignore_merges={llama_cpp_ignores_merges} (whether a word found whole in the vocabulary is emitted "
+            "without merging), so it would tokenize some words differently from this tokenizer. Keep this model in "
+            "slmkit or Hugging Face format (`slm export hf`)")
     vocab: dict[str, int] = model.get("vocab") or {}
     added = data.get("added_tokens") or []
     size = max([*vocab.values(), *(t["id"] for t in added)], default=-1) + 1
@@ -393,30 +400,30 @@ def read_vocab(ckpt_dir: Path, config: ModelConfig) -> GGUFVocab:
                      chat_template=tok_cfg.get("chat_template"))
 
 
-def pre_tokenizer_name(tokenizer_json: dict[str, Any], where: Path | str = "tokenizer.json") -> str:
-    """llama.cpp's `tokenizer.ggml.pre` name for the pre-tokenizer (and normalizer) of a tokenizer.json."""
+def pre_tokenizer_name(tokenizer_json: dict[str, Any], where: Path | str = "tokenizer.json", *,
+                       preferred: str | None = None) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` name for the pre-tokenizer (and normalizer) of a tokenizer.json;
+    `preferred` wins among the names of the same split."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    name = None
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
-        name = "gpt-2"
-    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
-            and not steps[1].get("add_prefix_space") and steps[0].get("behavior") == "Isolated" \
-            and not steps[0].get("invert"):
-        name = SPLIT_PRE_TOKENIZERS.get((steps[0].get("pattern") or {}).get("Regex"))
+    name = pre_tokenizer_named(pre_tokenizer_splits(pre), preferred)
     if name is None:
         raise GGUFExportError(
             f"{where}: pre_tokenizer {json.dumps(pre)[:300]} is not one this exporter can name for llama.cpp. "
-            "Supported: ByteLevel with GPT-2's regex and no prefix space (slmkit's tokenizer, llama.cpp `gpt-2`), "
-            "and Split with the Llama-3 or Qwen2 regex followed by ByteLevel (`llama-bpe`, `qwen2`). A wrong "
-            "name would make llama.cpp split text differently from the tokenizer the model was trained with")
+            f"Supported: {SUPPORTED_SPLITS}. A wrong name would make llama.cpp split text differently from the "
+            "tokenizer the model was trained with")
     normalizer = tokenizer_json.get("normalizer")
     # llama.cpp does not normalise; Qwen2's NFC is accepted by llama.cpp's converter too (NFC text is unchanged).
     if normalizer and not (name == "qwen2" and normalizer.get("type") == "NFC"):
         raise GGUFExportError(f"{where}: normalizer {json.dumps(normalizer)[:200]} is not applied by llama.cpp, "
                               "which would then tokenize differently; only tokenizers without a normalizer export")
     return name
+
+
+def imported_pre_name(provenance: dict[str, Any]) -> str | None:
+    """`tokenizer.ggml.pre` of the GGUF file a checkpoint was imported from (`slm import gguf` records it)."""
+    names = [s.get("tokenizer_pre") for s in provenance.get("stages", [])
+             if s.get("stage") == "import" and s.get("format") == "gguf"]
+    return names[-1] if names else None
 
 
 def _special_ids(path: Path, tok_cfg: dict[str, Any]) -> dict[str, int | None]:

@@ -1,4 +1,5 @@
-"""A Hugging Face `tokenizer.json` rebuilt from the vocabulary a GGUF file carries.
+"""A Hugging Face `tokenizer.json` rebuilt from the vocabulary a GGUF file carries, and the GGUF name of a
+tokenizer.json's pre-tokenizer: one table, `PRE_TOKENIZERS`, read both ways by import and export.
 
 A GGUF holds a byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`) as three arrays — token strings,
 token types and merges — plus special-token ids and one name, `tokenizer.ggml.pre`, for the rule that splits
@@ -21,6 +22,11 @@ line starting with a number: `"\\n    0"`), where this tokenizer follows llama.c
 Any other name is refused: another model's regex would tokenize most text the same and some text
 differently, and the model would silently see token sequences it was never trained on.
 
+The other direction (`pre_tokenizer_splits`, used by the exporter): a tokenizer.json pre-tokenizer is read as
+its list of split regexes — Split(regex, isolated) and Digits(individual_digits) steps, then a ByteLevel that
+adds GPT-2's regex when `use_regex` is set — and has a GGUF name only when that list is exactly one row of the
+table. Digits(individual_digits) is Split(\\p{N}): both isolate every character of Unicode class N.
+
 Control tokens (type 3) become special added tokens and user-defined tokens (type 4) plain added tokens,
 matched whole in text as llama.cpp does; the bos/eos/pad/unk tokens are special as well. No post-processor
 adds bos: slmkit prepends `bos_token_id` itself when the model has one (see `gguf_import`).
@@ -29,11 +35,17 @@ adds bos: slmkit prepends `bos_token_id` itself when the model has one (see `ggu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
-
-from .gguf import LLAMA3_REGEX, QWEN2_REGEX
+from typing import Any
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# The split regexes llama.cpp applies for these names (llama-vocab.cpp), in the syntax of tokenizers' Regex.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+DIGITS_REGEX = r"\p{N}"
+GPT2_SPLIT = "<GPT-2 regex of ByteLevel(use_regex=True)>"  # stands for ByteLevel's built-in regex; last only
 
 
 class GGUFTokenizerError(ValueError):
@@ -57,34 +69,68 @@ class GGUFVocabulary:
     chat_template: str | None = None
 
 
-def _byte_level(split_regex: str | None = None, *, digits_first: bool = False):
-    from tokenizers import Regex, pre_tokenizers
-
-    if split_regex is not None:  # the regex does the splitting, ByteLevel only maps bytes to its alphabet
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if digits_first:
-        steps.insert(0, pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
-    return pre_tokenizers.Sequence(steps) if len(steps) > 1 else steps[0]
-
-
 @dataclass(frozen=True)
 class PreTokenizer:
-    build: Callable[[], Any]
+    splits: tuple[str, ...]  # split regexes in the order applied; GPT2_SPLIT (last only) is ByteLevel's own
     ignore_merges: bool = False  # llama.cpp emits a whole word found in the vocabulary without merging it
     add_bos: bool = False  # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
 
+    def build(self):
+        """The `tokenizers` pre-tokenizer: an isolating Split per regex, then ByteLevel (with GPT-2's regex
+        when the list ends with it; otherwise it only maps bytes to its alphabet)."""
+        from tokenizers import Regex, pre_tokenizers
 
-_LLAMA3 = PreTokenizer(lambda: _byte_level(LLAMA3_REGEX), ignore_merges=True, add_bos=True)
+        gpt2 = self.splits[-1:] == (GPT2_SPLIT,)
+        steps = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in self.splits if r != GPT2_SPLIT]
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2))
+        return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+
+
+_LLAMA3 = PreTokenizer((LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+# Aliases share one entry; the first name of an entry is the one the exporter writes.
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    "gpt-2": PreTokenizer(lambda: _byte_level()),
+    "gpt-2": PreTokenizer((GPT2_SPLIT,)),
     "llama-bpe": _LLAMA3,
     "llama3": _LLAMA3,
     "llama-v3": _LLAMA3,
-    "qwen2": PreTokenizer(lambda: _byte_level(QWEN2_REGEX)),
-    "smollm": PreTokenizer(lambda: _byte_level(digits_first=True)),
+    "qwen2": PreTokenizer((QWEN2_REGEX,)),
+    "smollm": PreTokenizer((DIGITS_REGEX, GPT2_SPLIT)),
 }
+SUPPORTED_SPLITS = ("`gpt-2`: ByteLevel with GPT-2's regex (slmkit's own tokenizer); `llama-bpe`: Split(Llama-3 "
+                    "regex) + ByteLevel(use_regex=false), BPE ignore_merges=true; `qwen2`: Split(Qwen2 regex) + "
+                    "ByteLevel(use_regex=false); `smollm`: Digits(individual_digits) or Split(\\p{N}) + ByteLevel "
+                    "with GPT-2's regex; each ByteLevel with no prefix space")
+
+
+def pre_tokenizer_splits(pre_tokenizer: dict | None) -> tuple[str, ...] | None:
+    """A tokenizer.json `pre_tokenizer` as `PreTokenizer.splits`, or None when it is anything but isolating
+    regex/digit splits followed by one ByteLevel without prefix space."""
+    pre = pre_tokenizer or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    if not steps or steps[-1].get("type") != "ByteLevel" or steps[-1].get("add_prefix_space"):
+        return None
+    splits = []
+    for step in steps[:-1]:
+        pattern = step.get("pattern") or {}
+        if step.get("type") == "Split" and step.get("behavior") == "Isolated" and not step.get("invert") \
+                and "Regex" in pattern:
+            splits.append(pattern["Regex"])
+        elif step.get("type") == "Digits" and step.get("individual_digits"):
+            splits.append(DIGITS_REGEX)
+        else:
+            return None
+    if steps[-1].get("use_regex", True):
+        splits.append(GPT2_SPLIT)
+    return tuple(splits)
+
+
+def pre_tokenizer_named(splits: tuple[str, ...] | None, preferred: str | None = None) -> str | None:
+    """The GGUF name of the pre-tokenizer that splits by `splits`: `preferred` when it is one of that entry's
+    names (a file imported as `llama3` exports as `llama3`), else the entry's first name; None when none does."""
+    names = [name for name, pre in PRE_TOKENIZERS.items() if pre.splits == splits]
+    if preferred in names:
+        return preferred
+    return names[0] if names else None
 
 
 def pre_tokenizer_for(vocab: GGUFVocabulary, where: str) -> PreTokenizer:

