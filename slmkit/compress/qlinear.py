@@ -133,6 +133,7 @@ _KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # call, as much as the kernel itself for a 256x256 layer.
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+INT4_KERNEL_ROW_TILE = 16  # _convert_weight_to_int4pack_for_cpu needs the output width to be a multiple of this
 
 
 def _dynamic_ops():
@@ -466,14 +467,22 @@ class Int4Linear(_QuantizedLinear):
         return w.reshape(self.out_features, self.in_features)
 
     def _derive(self, dtype: torch.dtype) -> tuple:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+        codes = self.codes().to(torch.int32)
         s = self.scales.float()
         zero = (INT4_KERNEL_OFFSET - self.zeros.float()) * s  # (q - z) s == (q - 8) s + (8 - z) s
+        # The CPU packing takes whole tiles of 16 output rows: pad with rows of scale 0 (outputs 0, sliced off),
+        # so widths like a trimmed vocabulary's 20,175 rows keep the kernel instead of dequantizing each call.
+        pad = -self.out_features % INT4_KERNEL_ROW_TILE
+        if pad:
+            codes = F.pad(codes, (0, 0, 0, pad), value=INT4_KERNEL_OFFSET)
+            s, zero = F.pad(s, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scales_and_zeros = torch.stack([s.t(), zero.t()], dim=2).contiguous().to(dtype)  # (groups, out, 2)
         return packed, self.group_size, scales_and_zeros
 
     def _matmul(self, x2: torch.Tensor, derived: tuple) -> torch.Tensor:
-        return _INT4_MM(x2, *derived)
+        y = _INT4_MM(x2, *derived)
+        return y if y.shape[-1] == self.out_features else y[:, :self.out_features].contiguous()
 
     def _nonzero_weights(self) -> int:
         z = self.zeros.repeat_interleave(self.group_size, dim=1)

@@ -356,6 +356,7 @@ class SelectOptions:
     bench_prompt_len: int = 128
     bench_new_tokens: int = 64
     bench_repeats: int = 5
+    bench_batch_sizes: list = field(default_factory=lambda: [1, 8])  # decode/prefill batch sizes measured
     # Time all candidates and references interleaved in one process (bench_side_by_side: their speed ratios
     # hold on a machine whose speed drifts; all are loaded at once, so turn it off for models that do not fit
     # together); each is still benched alone once, in a fresh process, for its peak memory.
@@ -373,7 +374,8 @@ def run_select(opts: SelectOptions, out: Path, ctx: RunContext) -> dict:
     from ..evaluate.select import MeasureConfig, choose, measure
     from ..evaluate.suite import SuiteConfig, parse_tasks
 
-    bench = BenchConfig(prompt_len=opts.bench_prompt_len, new_tokens=opts.bench_new_tokens, repeats=opts.bench_repeats)
+    bench = BenchConfig(prompt_len=opts.bench_prompt_len, new_tokens=opts.bench_new_tokens, repeats=opts.bench_repeats,
+                        batch_sizes=tuple(int(b) for b in opts.bench_batch_sizes))
     cfg = MeasureConfig(tasks=parse_tasks(list(opts.tasks)),
                         suite=SuiteConfig(seq_len=opts.seq_len, max_tokens=opts.max_tokens, items=opts.items,
                                           max_new_tokens=opts.max_new_tokens),

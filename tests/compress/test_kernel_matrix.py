@@ -30,7 +30,7 @@ from slmkit.serve.generate import SamplingParams, generate
 
 torch.set_num_threads(1)
 
-WIDTHS = [24, 40, 104, 64]  # input widths: three not multiples of 16, one that is
+WIDTHS = [24, 40, 104, 64, 96]  # input widths: three not multiples of 16, two that are
 ROWS = [1, 2, 3, 5, 16]  # 16 = KERNEL_MAX_ROWS, the largest input the kernels serve
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
 
@@ -52,12 +52,15 @@ def _weight_parts(q: nn.Module) -> torch.Tensor:
     return ((q.codes().float() - INT4_KERNEL_OFFSET) * s).abs() + ((INT4_KERNEL_OFFSET - z) * s).abs()
 
 
-def _check_weight_only(q: nn.Module, x: torch.Tensor, kernel_dtype: torch.dtype) -> None:
+def _check_weight_only(q: nn.Module, x: torch.Tensor, kernel_dtype: torch.dtype, *, kernel: bool = True) -> None:
+    """`kernel`: whether the packed kernel must have served `x` (else the exact dequantized path did)."""
     with torch.no_grad():
         y = q(x)
         bias = q.bias.float() if q.bias is not None else torch.zeros(q.out_features)
         ref = F.linear(x.float(), q.dequantize(torch.float32), bias)
     assert y.dtype == x.dtype and y.shape == ref.shape
+    # The kernel ran (out widths 40 and 300 are not whole tiles of 16 rows: int4 pads them), not the exact path.
+    assert (q._kernel_ok and q._kernel_cache is not None) == kernel
     u = max(UNIT_ROUNDOFF[kernel_dtype], UNIT_ROUNDOFF[x.dtype])
     bound = 4 * u * (x.float().abs() @ _weight_parts(q).t() + bias.abs()) + 1e-6
     err = (y.float() - ref).abs()
@@ -86,9 +89,12 @@ def test_int8_weight_only_kernel_in_fp32(in_f, rows):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("in_f", WIDTHS)
 def test_int4_kernel(in_f, rows, dtype):
-    q = Int4Linear.from_linear(_linear(in_f), group_size=8)
+    """torch's int4 CPU kernel takes groups of 32..256 only: widths that group 32 divides run it (at 40 output
+    rows, padded to whole tiles of 16), the others (groups of 8) the exact dequantized path — both correct."""
+    group = 32 if in_f % 32 == 0 else 8
+    q = Int4Linear.from_linear(_linear(in_f), group_size=group)
     q.kernel_choice = "packed"
-    _check_weight_only(q, torch.randn(rows, in_f).to(dtype), torch.bfloat16)
+    _check_weight_only(q, torch.randn(rows, in_f).to(dtype), torch.bfloat16, kernel=group == 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -118,9 +124,10 @@ def test_int8_dynamic_kernel(in_f, rows, dtype):
 def test_quantized_embedding_logits(bits, dtype, rows):
     torch.manual_seed(0)
     emb = nn.Embedding(300, 40)  # vocabulary and width not multiples of 16
-    qe = QuantizedEmbedding.from_embedding(emb, bits, group_size=8 if bits == 4 else None)
+    emb = nn.Embedding(300, 64) if bits == 4 else emb  # int4's kernel needs groups of >= 32
+    qe = QuantizedEmbedding.from_embedding(emb, bits, group_size=32 if bits == 4 else None)
     qe.packed.kernel_choice = "packed"
-    _check_weight_only(qe.packed, torch.randn(rows, 40).to(dtype), torch.bfloat16)
+    _check_weight_only(qe.packed, torch.randn(rows, emb.embedding_dim).to(dtype), torch.bfloat16)
     ids = torch.tensor([[0, 7, 299]])
     assert torch.equal(qe(ids), qe.dequantize()[ids])
 

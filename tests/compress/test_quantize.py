@@ -230,12 +230,24 @@ def test_cpu_kernel_matches_dequantized_reference(make, bias):
 
 
 def test_kernel_fallback_for_unsupported_shape():
-    q = Int4Linear.from_linear(random_linear(64, 40), 32)  # out=40: the int4 kernel needs a multiple of 16
+    q = Int4Linear.from_linear(random_linear(64, 40), 8)  # groups of 8: torch's int4 kernel takes 32..256 only
     x = torch.randn(1, 64)
     with torch.no_grad():
         y = q(x)
     assert not q._kernel_ok
     assert torch.allclose(y, x @ q.dequantize().t(), atol=1e-6)
+
+
+def test_int4_kernel_serves_output_widths_that_are_not_whole_tiles():
+    """The packing needs output rows in tiles of 16: 40 rows (a trimmed vocabulary's 20,175) are padded with
+    zero-scale rows and sliced off, instead of dequantizing the whole matrix on every call."""
+    q = Int4Linear.from_linear(random_linear(64, 40), 32)
+    q.kernel_choice = "packed"
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        y = q(x)
+    assert q._kernel_ok and q._kernel_cache is not None and y.shape == (1, 40)
+    assert torch.allclose(y, x @ q.dequantize().t(), rtol=2e-2, atol=2e-2)  # bf16 kernel rounding
 
 
 def test_kernel_cache_follows_state_dict_loads():
