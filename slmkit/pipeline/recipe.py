@@ -207,6 +207,9 @@ def resolve(value: Any, artifacts: dict[str, str]) -> Any:
 
 # -- keys ----------------------------------------------------------------------------------------------
 
+DERIVED_CACHES = {".vocab-remap"}  # caches kept inside an input directory (a dataset's remapped splits)
+
+
 def _path_digest(p: Path) -> str | None:
     """A cheap digest of a local file or directory an option names (content for small files, size+mtime for
     large ones and directory trees), so editing the input invalidates the stage."""
@@ -219,7 +222,8 @@ def _path_digest(p: Path) -> str | None:
         if p.is_dir():
             h = hashlib.sha256()
             for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.name.startswith(".stage"):
+                derived = DERIVED_CACHES.intersection(f.relative_to(p).parts)  # written by readers, not inputs
+                if f.is_file() and not f.name.startswith(".stage") and not derived:
                     st = f.stat()
                     h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
             return h.hexdigest()

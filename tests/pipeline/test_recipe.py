@@ -100,6 +100,24 @@ def test_a_changed_input_file_invalidates_the_stage(tmp_path):
     assert len(CALLS) == 2 and (tmp_path / "w" / "a" / "out.txt").read_text() == "two"
 
 
+def test_a_cache_that_readers_write_inside_an_input_directory_does_not_invalidate_the_stage(tmp_path):
+    """Evaluating a vocabulary-trimmed model writes the dataset's remapped split into DATASET/.vocab-remap/: that
+    is derived, not an edit of the input; an edit of the input still re-runs the stage."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "meta.json").write_text("{}")
+    r = recipe_from_dict({"workdir": str(tmp_path / "w"), "stages": [
+        {"name": "a", "kind": "echo", "with": {"src": str(ds / "meta.json"), "text": str(ds)}}]})
+    run_recipe(r, log=lambda m: None)
+    (ds / ".vocab-remap" / "abc").mkdir(parents=True)
+    (ds / ".vocab-remap" / "abc" / "meta.json").write_text("{}")
+    run_recipe(r, log=lambda m: None)
+    assert len(CALLS) == 1
+    (ds / "extra.bin").write_text("new")
+    run_recipe(r, log=lambda m: None)
+    assert len(CALLS) == 2
+
+
 @pytest.mark.parametrize("stages, message", [
     ([{"name": "a", "kind": "nope"}], "stage 1: unknown kind 'nope'"),
     ([{"name": "a", "kind": "echo", "with": {"src": "@later"}}], r"stage 1 \(a\): '@later' does not name an earlier"),
