@@ -54,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (e.g. runs/quickstart/teacher)")
     ap.add_argument("--data", type=Path, required=True, help="dataset built with the teacher's tokenizer")
-    ap.add_argument("--work", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
+    ap.add_argument("--work", type=Path, default=None, help="where checkpoints go (default: a temp dir); arms "
+                    "already finished there are reused")
     ap.add_argument("--drop", type=int, default=6, help="teacher layers removed by block influence")
     ap.add_argument("--seconds", type=float, default=240, help="training wall time of each arm")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
@@ -84,6 +85,11 @@ def main() -> None:
     timings, tokens = {}, {}
     for arm in arms:
         out = work / arm
+        done = out / "slmkit.json"
+        if done.exists():  # a finished arm of an earlier run in the same --work: reused, with its figures
+            stage = json.loads(done.read_text())["stages"][-1]
+            timings[arm], tokens[arm] = stage.get("seconds", 0.0), stage.get("tokens_seen", 0)
+            continue
         t0 = time.perf_counter()
         if arm == "distilled":
             r = distill(args.teacher, pruned, args.data, out, cfg(args.lr),

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import yaml
 
+from .. import yamlio
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .base import (PassError, Calibration, calibration_from_dataset, config_to_dict, count_parameters, get_pass,
                    make_config, reporting_progress, state_bytes)
@@ -50,7 +50,7 @@ def parse_pass(text: str) -> PassSpec:
 
 def load_plan(path: str | Path) -> list[PassSpec]:
     """A YAML plan: a list of passes, each `{pass: NAME, key: value, ...}` or a `NAME:k=v` string."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = yamlio.load(Path(path).read_text())
     items = data.get("passes", data) if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PassError(f"{path}: expected a list of passes (or a mapping with `passes:`)")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import yamlio
 from .config import ConfigError, ModelConfig
 
 # name: (hidden, layers, heads, kv_heads, intermediate)
@@ -40,7 +41,7 @@ def resolve_model_config(spec: str | Path, **overrides) -> ModelConfig:
             f"model {spec_str!r} is neither a preset ({', '.join(PRESETS)}) nor an existing config file"
         )
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = yamlio.load(path.read_text())  # JSON is YAML (exponents read as floats)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 import yaml
 
+from .. import yamlio
+
 STAGE_FORMAT = 1  # bump when a stage's output layout changes, so old caches are not reused
 
 
@@ -93,7 +95,7 @@ def load_recipe(path: str | Path, *, workdir: str | Path | None = None, override
     if not path.exists() and path.suffix == "" and (BUILTIN_RECIPES / f"{path}.yaml").exists():
         path = BUILTIN_RECIPES / f"{path}.yaml"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlio.load(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file (built-in recipes: {', '.join(builtin_recipes())})") from None
     except yaml.YAMLError as e:
@@ -115,7 +117,7 @@ def apply_overrides(data: Any, overrides: list[str], source: str = "<recipe>") -
         if not eq or not dot or not option:
             raise RecipeError(f"override {item!r} is not STAGE.OPTION=VALUE (e.g. teacher.steps=20)")
         try:
-            value = yaml.safe_load(raw)
+            value = yamlio.load(raw)
         except yaml.YAMLError as e:
             raise RecipeError(f"override {item!r}: the value is not valid YAML ({e})") from None
         if stage == "*":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .. import yamlio
+
 
 class TrainConfigError(ValueError):
     pass
@@ -64,7 +66,7 @@ def read_train_fields(path: str | Path, *, where: str | None = None,
     path = Path(path)
     where = where or str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlio.load(path.read_text())
     except FileNotFoundError:
         raise error(f"{where}: no such file") from None
     except yaml.YAMLError as e:
