@@ -110,20 +110,12 @@ class KDStep:
         s_logits, s_hidden = out if want_hidden else (out, None)
         T = self.cfg.temperature
         s_full = softened_logprobs(s_logits, T)  # (B, T, V), computed once
-        if "teacher_topk_ids" in batch:
-            if batch["teacher_topk_ids"].max() >= s_logits.shape[-1]:
-                raise KDError(f"the teacher cache names token ids beyond the student's vocabulary "
-                              f"({s_logits.shape[-1]}); it was built with another tokenizer")
-            s_logp, t_logp = topk_buckets(s_full, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                                          batch["teacher_tail_logprob"])
+        if alpha == 0 and self.hidden is None:
+            # Cross-entropy only (e.g. healing a pruned student where a teacher forward per token costs more
+            # training tokens than its targets are worth): no teacher forward, no KD term.
+            kd = s_logits.new_zeros(())
         else:
-            with torch.no_grad():
-                t_out = self.teacher_forward(ids, batch, want_hidden)
-            t_logits, t_hidden = t_out if want_hidden else (t_out, None)
-            if t_logits.shape[-1] != s_logits.shape[-1]:
-                dense_logprobs(s_logits, t_logits, T)  # raises the vocabulary-mismatch error
-            s_logp, t_logp = s_full, softened_logprobs(t_logits, T)
-        kd = kd_loss(self.cfg.loss, s_logp, t_logp, mask=mask, temperature=T, beta=self.cfg.beta)
+            kd, t_hidden = self._kd_term(ids, batch, s_logits, s_full, mask, want_hidden)
         # Next-token cross-entropy reuses the student's log-probs when they are unsoftened.
         ce_logp = s_full if T == 1 else softened_logprobs(s_logits, 1.0)
         ce = F.nll_loss(ce_logp.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -138,6 +130,24 @@ class KDStep:
             loss = loss + self.cfg.hidden_weight * h
             metrics["hidden"] = h.detach()
         return loss, metrics
+
+    def _kd_term(self, ids, batch: dict, s_logits, s_full, mask, want_hidden: bool):
+        """The KD loss against cached top-k targets or the online teacher, and the teacher's hidden states."""
+        T, t_hidden = self.cfg.temperature, None
+        if "teacher_topk_ids" in batch:
+            if batch["teacher_topk_ids"].max() >= s_logits.shape[-1]:
+                raise KDError(f"the teacher cache names token ids beyond the student's vocabulary "
+                              f"({s_logits.shape[-1]}); it was built with another tokenizer")
+            s_logp, t_logp = topk_buckets(s_full, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+                                          batch["teacher_tail_logprob"])
+        else:
+            with torch.no_grad():
+                t_out = self.teacher_forward(ids, batch, want_hidden)
+            t_logits, t_hidden = t_out if want_hidden else (t_out, None)
+            if t_logits.shape[-1] != s_logits.shape[-1]:
+                dense_logprobs(s_logits, t_logits, T)  # raises the vocabulary-mismatch error
+            s_logp, t_logp = s_full, softened_logprobs(t_logits, T)
+        return kd_loss(self.cfg.loss, s_logp, t_logp, mask=mask, temperature=T, beta=self.cfg.beta), t_hidden
 
     # Forward passes, overridden by SegmentKDStep (segment_kd.py) to read with Transformer-XL memory.
     def student_forward(self, model: torch.nn.Module, ids: torch.Tensor, batch: dict, want_hidden: bool):

@@ -218,3 +218,24 @@ def test_ddp_distillation_on_two_processes_matches_one(teacher, student_yaml, ti
     assert la[-1][0] == lb[-1][0] == 4 and lb[-1][1] == pytest.approx(la[-1][1], rel=1e-4)
     a, b = load_checkpoint(tmp_path / "one").model.state_dict(), load_checkpoint(tmp_path / "two").model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the same student after 4 steps
+
+
+def test_alpha_zero_is_cross_entropy_without_a_teacher_forward():
+    """alpha=0 (healing a pruned student on the data alone): the teacher is never run and the loss is the
+    student's next-token cross-entropy."""
+    from slmkit.distill.steps import KDStep
+    from slmkit.model import CausalLM, resolve_model_config
+
+    class NoForward(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("the teacher ran")
+
+    torch.manual_seed(0)
+    student = CausalLM(resolve_model_config("micro", vocab_size=64))
+    ids = torch.randint(0, 64, (2, 12))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    loss, metrics = KDStep(KDConfig(alpha=0.0), NoForward())(student, batch)
+    ce = torch.nn.functional.cross_entropy(student(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.allclose(loss, ce, atol=1e-6) and float(metrics["kd"]) == 0.0
+    loss.backward()
+    assert student.lm_head.weight.grad is not None
