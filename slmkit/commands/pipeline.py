@@ -60,9 +60,9 @@ def quickstart(
                                               "when installed, else scratch)."),
 ):
     """Run the built-in recipe on the default domain (your Python's standard library and pydoc topics):
-    SmolLM2-135M-Instruct imported from its GGUF -> data in its tokenizer -> depth-pruned student healed by KD
-    from it -> DPO on verifier-made pairs -> vocabulary trimmed to the domain, int8/int4 -> measured beside the
-    teacher -> recommended -> report.
+    SmolLM2-135M-Instruct imported from its GGUF -> data in its tokenizer -> a depth-pruned student of it, healed
+    on the domain -> DPO on verifier-made pairs -> vocabulary trimmed to the domain, int8/int4 -> measured beside
+    the teacher -> recommended -> report -> GGUF.
 
     It is the `quickstart-smollm2` recipe (`slm run quickstart-smollm2`; `--teacher scratch`: `quickstart`),
     so an interrupted run resumes and a rerun reuses every finished stage.

