@@ -26,3 +26,20 @@ _Loader.add_implicit_resolver(
 def load(text: str):
     """`yaml.safe_load`, except that exponent-only decimals (`1e-5`) are floats; raises yaml.YAMLError."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_file(path, error: type[Exception], *, where: str | None = None, missing: str = "no such file"):
+    """The YAML (or JSON) document in `path`; a missing file or bad YAML raises `error` naming the file (as
+    `where`, default the path), the line and column: `WHERE: no such file`, `WHERE: not valid YAML (line L,
+    column C): ...`."""
+    from pathlib import Path
+
+    where = where or str(path)
+    try:
+        return load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{where}: {missing}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise error(f"{where}: not valid YAML{at}: {e}") from None

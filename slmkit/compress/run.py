@@ -50,7 +50,7 @@ def parse_pass(text: str) -> PassSpec:
 
 def load_plan(path: str | Path) -> list[PassSpec]:
     """A YAML plan: a list of passes, each `{pass: NAME, key: value, ...}` or a `NAME:k=v` string."""
-    data = yamlio.load(Path(path).read_text())
+    data = yamlio.load_file(path, PassError)
     items = data.get("passes", data) if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PassError(f"{path}: expected a list of passes (or a mapping with `passes:`)")
@@ -137,8 +137,10 @@ def compress(ckpt: str | Path, out: str | Path, specs: list[PassSpec], *, data: 
         from .vocab_remap import dataset_for_checkpoint
 
         # the dataset must speak the checkpoint's tokenizer; a vocabulary-trimmed checkpoint reads it remapped
-        ds = dataset_for_checkpoint(open_dataset(data), ck.path, splits=("train", "val"))
-        if any(get_pass(s.name).needs_calibration for s in specs):
+        # (the train split only when a pass calibrates on it)
+        calibrated = any(get_pass(s.name).needs_calibration for s in specs)
+        ds = dataset_for_checkpoint(open_dataset(data), ck.path, splits=("train", "val") if calibrated else ("val",))
+        if calibrated:
             calib = calibration_from_dataset(ds, samples=calib_samples, seq_len=calib_seq_len)
         lengths = token_byte_lengths(ds.tokenizer())
         val = ds.split("val")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from .. import yamlio
 from .config import ConfigError, ModelConfig
 
@@ -40,12 +38,7 @@ def resolve_model_config(spec: str | Path, **overrides) -> ModelConfig:
         raise ConfigError(
             f"model {spec_str!r} is neither a preset ({', '.join(PRESETS)}) nor an existing config file"
         )
-    try:
-        data = yamlio.load(path.read_text())  # JSON is YAML (exponents read as floats)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {e}") from None
+    data = yamlio.load_file(path, ConfigError)  # JSON is YAML (exponents read as floats)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields")
     base = {}

@@ -94,12 +94,8 @@ def load_recipe(path: str | Path, *, workdir: str | Path | None = None, override
     path = Path(path)
     if not path.exists() and path.suffix == "" and (BUILTIN_RECIPES / f"{path}.yaml").exists():
         path = BUILTIN_RECIPES / f"{path}.yaml"
-    try:
-        data = yamlio.load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file (built-in recipes: {', '.join(builtin_recipes())})") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    data = yamlio.load_file(path, RecipeError,
+                            missing=f"no such recipe file (built-in recipes: {', '.join(builtin_recipes())})")
     return recipe_from_dict(apply_overrides(data, overrides, str(path)), source=str(path), workdir=workdir)
 
 

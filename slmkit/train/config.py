@@ -6,8 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .. import yamlio
 
 
@@ -65,12 +63,7 @@ def read_train_fields(path: str | Path, *, where: str | None = None,
     a mapping and unknown fields raise `error`, its message starting with `where` (default: the path)."""
     path = Path(path)
     where = where or str(path)
-    try:
-        data = yamlio.load(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{where}: no such file") from None
-    except yaml.YAMLError as e:
-        raise error(f"{where}: not valid YAML ({e})") from None
+    data = yamlio.load_file(path, error, where=where)
     if data is None:
         return {}
     if not isinstance(data, dict):
