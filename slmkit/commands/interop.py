@@ -33,20 +33,25 @@ def export_hf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint direc
 @export_app.command("gguf")
 def export_gguf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint directory."),
                     out: Path = typer.Argument(..., help="GGUF file to write."),
-                    type: str = typer.Option("f16", "--type", "-t",
-                                             help="Matrix storage: f32 | f16 | q8_0 | q4_0 (norms stay f32).")):
+                    type: str = typer.Option("auto", "--type", "-t",
+                                             help="Float matrix storage: auto | f32 | f16 | q8_0 | q4_0 (norms stay "
+                                                  "f32; quantized modules always keep their codes). auto: f16, or "
+                                                  "for a quantized checkpoint its own precision (exact).")):
     """Write one GGUF file that llama.cpp (llama-cli, llama-server, llama-cpp-python, ollama) loads.
 
     Llama, Mistral, Phi-3 and Mixtral export as llama.cpp's `llama` architecture, Qwen2 as `qwen2`; the
-    tokenizer and chat template go into the file. Linformer, Transformer-XL memory and slmkit-compressed
-    (low-rank, int8/int4) checkpoints are refused: export the model from before compression and let
-    `--type` quantize it for llama.cpp.
+    tokenizer and chat template go into the file. Compressed checkpoints ship as measured: slmkit's int8 and
+    int4 modules are written from their codes as Q8_0 / Q4_0 / Q4_1 (exact for int8 and for int4 with
+    format=q4_0 or q4_1; any conversion error is printed), low-rank factors merged, pruned zeros kept.
+    Linformer, Transformer-XL memory and per-layer sizes are refused.
 
     Examples:
 
         slm export gguf runs/small runs/small.gguf
 
         slm export gguf runs/small runs/small-q8_0.gguf --type q8_0
+
+        slm export gguf runs/small-q4 runs/small-q4.gguf
 
         llama-cli -m runs/small-q8_0.gguf -p "def fib(n):"
     """
@@ -55,8 +60,9 @@ def export_gguf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint dir
     result = export_gguf(ckpt, out, type=type)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    held = f", {len(result.held_tensors)} from quantized codes" if result.held_tensors else ""
     out_console.print(f"wrote {result.path} ({result.architecture}, {result.file_type}, "
-                      f"{len(result.tensor_types)} tensors, {result.bytes:,} bytes)")
+                      f"{len(result.tensor_types)} tensors{held}, {result.bytes:,} bytes)")
 
 
 @import_app.command("hf")

@@ -36,7 +36,8 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int | None = 128,
-                  act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  format: str = "minmax") -> QuantizedWeight:
     """GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, 2023, "GPTQ: Accurate Post-Training Quantization for
     Generative Pre-trained Transformers").
 
@@ -66,11 +67,13 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group
     original weights ("static groups"). Without act_order, a group's scale and zero point are fitted when
     its first column is reached, from the columns as already updated by the errors of earlier ones.
 
-    8-bit uses one symmetric scale per row fitted from the original row; 4-bit one asymmetric scale and
-    integer zero point per group of `group_size` columns. With H ∝ I (uncorrelated, equal-variance inputs)
+    8-bit uses one symmetric scale per row fitted from the original row (an fp16 value: GGUF Q8_0); 4-bit one
+    scale and integer zero point per group of `group_size` columns, fitted as `format` says (`minmax`, or the
+    GGUF-exact `q4_0` / `q4_1`: `qlinear.int4_params`). With H ∝ I (uncorrelated, equal-variance inputs)
     U is diagonal, nothing is propagated, and the result equals round-to-nearest.
     """
     W = weight.detach().float().clone()  # (rows, cols)
+    sdtype = weight.dtype  # scales are rounded to values this dtype (their storage) holds exactly
     rows, cols = W.shape
     if bits == 4 and (cols % group_size or block_size % group_size):
         raise ValueError(f"group_size={group_size} must divide in_features={cols} and block_size={block_size}")
@@ -85,11 +88,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group
         scales = torch.empty(rows, cols // g, device=W.device)
         zeros = torch.empty(rows, cols // g, dtype=torch.uint8, device=W.device)
     else:
-        scales, zeros = int8_scales(W, torch.float32), None
+        scales, zeros = int8_scales(W, sdtype).float(), None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         if grouped:  # static groups, fitted from the original weights in the original order
-            scales, zeros = int4_params(W, g, torch.float32)
+            scales, zeros = int4_params(W, g, sdtype, format)
+            scales = scales.float()
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
@@ -109,7 +113,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group
             w = W1[:, i]
             gi = int(group_of[col])
             if grouped and not act_order and col % g == 0:  # fit the group when its first column is reached
-                s_g, z_g = int4_params(W1[:, i:i + g], g, torch.float32)
+                s_g, z_g = int4_params(W1[:, i:i + g], g, sdtype, format)
                 scales[:, gi], zeros[:, gi] = s_g[:, 0], z_g[:, 0]
             if grouped:
                 s, z = scales[:, gi], zeros[:, gi].float()
@@ -217,7 +221,9 @@ def _stages(layer_targets: dict[str, nn.Module]) -> list[list[str]]:
 
 @register_pass("quant.gptq", GPTQConfig, needs_calibration=True, restructure=restructure)
 def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = None) -> tuple[nn.Module, dict]:
-    """GPTQ weight quantization (int8 per channel or int4 grouped) from calibration activations."""
+    """GPTQ weight quantization (int8 per channel or int4 grouped) from calibration activations.
+
+    `format` (bits=4): `minmax`, `q4_0` or `q4_1`, as in quant.int4 (the last two export exactly to GGUF)."""
     if calib is None:
         raise PassError("quant.gptq: needs calibration data (input Hessians); pass a Calibration / --data DATASET")
     targets, skipped = find_quant_targets(model, cfg)
@@ -229,7 +235,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
         linear = targets[name]
         fmt = layer_format(cfg, fallbacks.get(name))  # a fallback group divides group_size, so block_size too
         qw = gptq_quantize(linear.weight, H, bits=fmt[0], group_size=fmt[1], act_order=cfg.act_order,
-                           damp=cfg.damp, block_size=cfg.block_size)
+                           damp=cfg.damp, block_size=cfg.block_size, format=cfg.int4_format)
         scales = qw.scales.to(linear.weight.dtype)
         set_module(model, name, _quantized_module(linear, fmt, qw.codes, scales, qw.zeros, cfg.pass_name))
         layers_report[name] = {"loss": qw.loss, "damp": qw.damp, "calibration_rows": X_rows}

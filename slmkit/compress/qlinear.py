@@ -10,6 +10,23 @@ an offline routine that computes the packed weights):
   `weight_int4` (out, in/2) uint8 — column 2j in the low nibble, column 2j+1 in the high nibble —,
   `scales` (out, in/group) in the activation dtype and `zeros` (out, in/group) uint8: 0.5 byte per weight.
 
+Scales are chosen so that llama.cpp's GGUF blocks (32 consecutive weights of a row, fp16 parameters) hold the
+same numbers, and `slm export gguf` writes the codes as they are (`slmkit/export/gguf_blocks.py`):
+- int8 scales are rounded *up* to an fp16 value before the codes are computed (`round_scale_up`): every
+  32-block of row r is then a GGUF Q8_0 block with d = s_r. Rounding up keeps |w|/s ≤ 127 (no clamping) and
+  grows the step by at most 2^-10 of itself.
+- int4 has three ways to fit a group's parameters (`INT4_FORMATS`, the passes' `format` option); the stored
+  layout is the same for all three:
+  `minmax`: the group's range [min(w, 0), max(w, 0)] in 15 steps, s in the storage dtype (fp32 scales: GGUF
+  holds them only approximately);
+  `q4_0`: symmetric, z = 8 and s = (the value of largest magnitude) / −8, llama.cpp's rule (s is negative when
+  that value is positive: the grid −8..7 then spends its extra level on it), |s| rounded up to fp16 — exactly a
+  GGUF Q4_0 block, w = (q − 8) · d;
+  `q4_1`: `minmax` with s rounded up to 7 significant bits (a · 2^k, a < 128, k ≥ −24): then s and −z · s
+  (z ≤ 15, so z · a < 2^11) are both exact fp16 values, which is a GGUF Q4_1 block, w = q · d + m with d = s
+  and m = −z · s. The step grows by at most 2^-6 of itself against `minmax`.
+  A group size that is a multiple of 32 splits into 32-blocks that repeat the group's parameters.
+
 Forward on the CPU uses torch's packed weight-only kernels, `aten._weight_int8pack_mm` and
 `aten._weight_int4pack_mm_for_cpu`. The int4 kernel wants its own, machine-specific tile layout
 (`aten._convert_weight_to_int4pack_for_cpu`) and one (in/group, out, 2) tensor of scales and zeros in
@@ -74,15 +91,35 @@ INT8_QMAX = 127
 INT4_QMAX = 15
 INT4_KERNEL_OFFSET = 8  # torch's int4 kernel computes w = (q - 8) * scale + zero
 INT8_KERNELS = ("weight_only", "dynamic")  # how an Int8Linear multiplies (the stored format is the same)
+INT4_FORMATS = ("minmax", "q4_0", "q4_1")  # how int4 group parameters are fitted (the stored layout is the same)
+FP16_BITS = 11  # significant bits of an IEEE half (10 stored + the implicit one)
+FP16_MIN_EXPONENT = -24  # fp16's smallest subnormal is 2^-24: every a · 2^k with k >= -24, a < 2^11 is a half
+Q4_1_SCALE_BITS = FP16_BITS - 4  # a 7-bit scale times a 4-bit zero point still fits fp16's 11 bits
+_SIGNIFICANT_BITS = {torch.float32: 24, torch.float64: 53, torch.float16: 11, torch.bfloat16: 8}
 
 
 # -- offline packing ---------------------------------------------------------------------------------
 
+def round_scale_up(s: torch.Tensor, bits: int = FP16_BITS, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """|s| rounded up, sign kept, to the nearest a · 2^k with integers 0 <= a < 2^bits and k >= -24, returned in
+    `dtype` (default: s's). With bits <= 11 that is an exact fp16 value (up to fp16's largest, 65504), and an exact
+    value of any float type with at least `bits` significant bits: `bits` is capped at the storage dtype's
+    (bf16: 8), so the result is exact in both. Rounding the magnitude up means a grid fitted to cover a range
+    still covers it."""
+    dtype = dtype or s.dtype
+    bits = min(bits, _SIGNIFICANT_BITS.get(dtype, bits))
+    x = s.detach().double()
+    _, exponent = torch.frexp(x.abs())  # |x| = m · 2^e, m in [0.5, 1): 2^(e-1) <= |x| < 2^e
+    ulp = torch.exp2((exponent - bits).clamp(min=FP16_MIN_EXPONENT).double())  # `bits` significant bits
+    return (torch.ceil(x.abs() / ulp) * ulp * torch.sign(x)).to(dtype)
+
+
 def int8_scales(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Symmetric per-output-channel scales (out,), rounded to the storage dtype. weight: (out, in)."""
+    """Symmetric per-output-channel scales (out,), rounded up to fp16 values that the storage dtype holds exactly
+    (GGUF Q8_0's d; see the module docstring). weight: (out, in)."""
     s = weight.detach().float().abs().amax(dim=1) / INT8_QMAX
     s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row quantizes to zeros with any scale
-    return s.to(dtype or weight.dtype)
+    return round_scale_up(s, FP16_BITS, dtype or weight.dtype)
 
 
 def quantize_int8(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -91,18 +128,34 @@ def quantize_int8(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
 
 
-def int4_params(weight: torch.Tensor, group_size: int,
-                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max scales and integer zero points per group, each (out, in/group).
+def check_int4_format(fmt: str, where: str = "int4") -> str:
+    if fmt not in INT4_FORMATS:
+        raise ValueError(f"{where}: format={fmt!r} must be one of {list(INT4_FORMATS)}")
+    return fmt
 
-    The range always contains 0 (as GPTQ's quantizer does) so the zero point is an integer in [0, 15]
-    and an exact zero weight stays exactly zero."""
+
+def int4_params(weight: torch.Tensor, group_size: int, dtype: torch.dtype | None = None,
+                format: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and integer zero points per group, each (out, in/group), fitted as `format` says (`INT4_FORMATS`,
+    module docstring).
+
+    `minmax` and `q4_1`: the range always contains 0 (as GPTQ's quantizer does) so the zero point is an integer
+    in [0, 15] and an exact zero weight stays exactly zero. `q4_0`: z = 8, so zero is a grid point too."""
+    check_int4_format(format)
+    dtype = dtype or weight.dtype
     out_f, in_f = weight.shape
     w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    if format == "q4_0":
+        idx = w.abs().argmax(dim=2, keepdim=True)
+        s = torch.gather(w, 2, idx).squeeze(2) / -(INT4_KERNEL_OFFSET)  # the largest magnitude lands on code 0
+        s = torch.where(s != 0, s, torch.ones_like(s))
+        s = round_scale_up(s, FP16_BITS, dtype)
+        return s, torch.full(s.shape, INT4_KERNEL_OFFSET, dtype=torch.uint8, device=s.device)
     lo = w.amin(dim=2).clamp(max=0)
     hi = w.amax(dim=2).clamp(min=0)
     s = (hi - lo) / INT4_QMAX
-    s = torch.where(s > 0, s, torch.ones_like(s)).to(dtype or weight.dtype)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = round_scale_up(s, Q4_1_SCALE_BITS, dtype) if format == "q4_1" else s.to(dtype)
     z = torch.round(-lo / s.float()).clamp_(0, INT4_QMAX).to(torch.uint8)
     return s, z
 
@@ -450,9 +503,9 @@ class Int4Linear(_QuantizedLinear):
         return m
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
-        """Round-to-nearest quantization of a float Linear."""
-        s, z = int4_params(linear.weight, group_size)
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, format: str = "minmax") -> Int4Linear:
+        """Round-to-nearest quantization of a float Linear, group parameters fitted as `format` says."""
+        s, z = int4_params(linear.weight, group_size, format=format)
         return cls.from_codes(linear, quantize_int4(linear.weight, s, z), s, z, group_size)
 
     def codes(self) -> torch.Tensor:
@@ -522,8 +575,9 @@ class QuantizedEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int | None = None,
-                       kernel: str = "weight_only") -> QuantizedEmbedding:
-        """Round-to-nearest quantization of a float embedding table (out = V rows, in = d columns)."""
+                       kernel: str = "weight_only", format: str = "minmax") -> QuantizedEmbedding:
+        """Round-to-nearest quantization of a float embedding table (out = V rows, in = d columns); `format`:
+        how int4 group parameters are fitted (`INT4_FORMATS`)."""
         w = emb.weight.detach()
         m = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, kernel=kernel, device=w.device, dtype=w.dtype)
         if bits == 8:
@@ -531,7 +585,7 @@ class QuantizedEmbedding(nn.Module):
             m.packed.weight_int8.copy_(quantize_int8(w, s))
             m.packed.scales.copy_(s)
         else:
-            s, z = int4_params(w, group_size)
+            s, z = int4_params(w, group_size, format=format)
             m.packed.weight_int4.copy_(pack_int4(quantize_int4(w, s, z)))
             m.packed.scales.copy_(s)
             m.packed.zeros.copy_(z)

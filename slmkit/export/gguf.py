@@ -22,8 +22,8 @@ Llama-3 rope scaling is not a key in llama.cpp but a `rope_freqs` tensor of per-
 (θ_j / rope_freqs[j]), here computed as the ratio of slmkit's unscaled to scaled inverse frequencies, so the
 two agree by construction.
 
-Types. `f32`/`f16` store every matrix in that type; `q8_0`/`q4_0` quantize matrices in blocks of 32 along a
-row with `gguf.quants` (bit-identical to ggml's reference quantizers). As in llama.cpp: vectors (norms,
+Types. `f32`/`f16` store every float matrix in that type; `q8_0`/`q4_0` quantize float matrices in blocks of 32
+along a row with `gguf.quants` (bit-identical to ggml's reference quantizers). As in llama.cpp: vectors (norms,
 biases, `rope_freqs`) and the MoE router stay F32; a matrix whose rows are not a multiple of the block size
 falls back to F16; a q4_0 file stores the output matrix (the token embeddings when tied) at Q6_K, as
 llama-quantize does (written by `q6k.py`, since `gguf.quants` reads Q6_K but cannot write it), or at Q8_0 when
@@ -40,14 +40,31 @@ is an alias of the detected split (`llama3` for `llama-bpe`). The BPE model's `i
 llama.cpp does for that name (set for `llama-bpe` only). add_bos follows slmkit's `generate`, which prepends bos
 whenever the model has a bos_token_id.
 
-Not expressible in GGUF, and refused with what to do instead: Linformer attention, Transformer-XL memory,
-low-rank factorized or slmkit-quantized modules, and per-layer sizes. Pruned `SparseLinear` projections are
-dense Linears holding zeros, so they are written dense (same function, no size saving), with a note.
+Compressed checkpoints ship as they were measured:
+- slmkit-quantized modules (`Int8Linear`, `Int4Linear`, a tied `QuantizedEmbedding` as token_embd) are written
+  from the codes they hold, as Q8_0 / Q4_0 / Q4_1 blocks (`gguf_blocks.py`), never re-quantized: int8 and int4
+  with `format=q4_0|q4_1` are exact (every weight llama.cpp dequantizes equals slmkit's fp32 dequantized weight);
+  int4 `format=minmax` (fp32 scales) and older checkpoints are converted with fp16-rounded parameters, and the
+  largest weight difference is measured and reported in the notes. A layer whose rows or groups are not whole
+  32-blocks is written as its dequantized weights (F32 by default: exact). `type` then only says how the
+  matrices that are still float are stored; its default, `auto`, keeps them in the checkpoint's precision (F32
+  for fp32 and bf16, F16 for fp16: exact) and norms stay F32. `f16` halves those (relative rounding 2^-11),
+  `q8_0`/`q4_0` quantize them with ggml's quantizers. For an unquantized checkpoint `auto` is `f16`, as before.
+- low-rank factors (`LowRankLinear`) are merged back into one dense matrix, W = up · down (in float64, rounded
+  once), stored like any float matrix: the same function, without the size saving;
+- pruned `SparseLinear` projections are dense Linears holding zeros, written dense (zeros stay zeros: also as
+  quantized codes), with a note;
+- vocabulary-trimmed checkpoints (`prune.vocab`) are ordinary models with a smaller vocabulary.
+Not expressible in GGUF, and refused before anything is written, with what to do instead: Linformer attention,
+Transformer-XL memory, per-layer sizes, and module types GGUF has no form for (the refusal names the pass
+that made them). The file is written under a temporary name in the same directory and renamed when complete.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +80,8 @@ from ..model.config import read_json_object
 from ..model.rope import rope_inverse_frequencies
 from .gguf_tokenizer import (PRE_TOKENIZERS, SUPPORTED_SPLITS, pre_tokenizer_named,
                              pre_tokenizer_splits)
+from ..compress.qlinear import QUANTIZED_LINEARS, QuantizedEmbedding
+from .gguf_blocks import Encoded, HeldWeight, encode
 from .q6k import quantize_q6_k
 
 try:
@@ -71,7 +90,9 @@ try:
 except ImportError:  # pragma: no cover - the extra is documented in the error below
     gguf = None
 
-TYPES = ("f32", "f16", "q8_0", "q4_0")
+TYPES = ("auto", "f32", "f16", "q8_0", "q4_0")  # how float matrices are stored; quantized ones keep their codes
+HELD_LINEARS = QUANTIZED_LINEARS  # Int8Linear, Int4Linear: written from their codes
+HELD_TYPES = (*QUANTIZED_LINEARS, QuantizedEmbedding)
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's name for byte-level BPE with merges
 
 # llama.cpp (llama-vocab.cpp) patches token attributes by `general.name`; these names break a byte-level vocab.
@@ -84,23 +105,28 @@ class GGUFExportError(ValueError):
 
 @dataclass
 class GGUFExport:
-    """What `export_gguf` wrote: the file, llama.cpp architecture, requested type, each tensor's stored type
-    (GGUF name -> ggml type name), and notes on every tensor stored otherwise than requested."""
+    """What `export_gguf` wrote: the file, llama.cpp architecture, its file type (the requested float type, or for
+    a quantized checkpoint the ggml type that holds most of its quantized weights), each tensor's stored type
+    (GGUF name -> ggml type name), notes on every tensor stored otherwise than requested, the tensors written
+    from the checkpoint's quantized codes, and for those that GGUF could not hold exactly the largest weight
+    difference measured (GGUF name -> max |w_gguf − w_slmkit|; empty when the export is exact)."""
 
     path: Path
     architecture: str
     file_type: str
     tensor_types: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    held_tensors: list[str] = field(default_factory=list)
+    weight_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
         return self.path.stat().st_size
 
 
-def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "f16") -> GGUFExport:
-    """Write the slmkit checkpoint `ckpt_dir` as the GGUF file `out_path` with matrices stored as `type`
-    (f32, f16, q8_0 or q4_0)."""
+def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "auto") -> GGUFExport:
+    """Write the slmkit checkpoint `ckpt_dir` as the GGUF file `out_path`. Quantized modules keep the codes they
+    hold; `type` (auto, f32, f16, q8_0 or q4_0) says how float matrices are stored (see the module docstring)."""
     _need_gguf()
     if type not in TYPES:
         raise GGUFExportError(f"--type {type!r} is not supported; choose one of {', '.join(TYPES)}")
@@ -114,6 +140,8 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "f16"
     model, config = ckpt.model, ckpt.config
     arch, notes = check_gguf_exportable(model, where=ckpt_dir, passes=ckpt.provenance.get("passes", []))
     vocab = read_vocab(ckpt_dir, config, imported_pre=imported_pre_name(ckpt.provenance))
+    quantized = any(isinstance(m, HELD_TYPES) for m in model.modules())
+    float_type = _float_type(model, type, quantized)
 
     writer = gguf.GGUFWriter(None, arch)
     name = ckpt_dir.resolve().name
@@ -121,22 +149,13 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "f16"
         notes.append(f"general.name {name!r} not written: llama.cpp rewrites the special tokens of any model whose "
                      "name contains 'phi3' or 'phi-3' for Phi-3's SentencePiece vocabulary, and fails to load this one")
         name = None
-    _add_hparams(writer, config, arch, type, name=name)
+    tensors = _Tensors(writer, float_type, tied=config.tie_word_embeddings)
+    for tensor_name, value in gguf_tensors(model, arch):
+        tensors.add(tensor_name, value)
+    notes += tensors.notes()
+    file_type = tensors.file_type() if quantized else float_type
+    _add_hparams(writer, config, arch, file_type, name=name)
     _add_vocab(writer, vocab)
-    tensor_types = {}
-    for name, tensor in gguf_tensors(model, arch):
-        data = tensor.detach().float().contiguous().numpy()
-        qtype, note = tensor_type(name, data.shape, type, tied=config.tie_word_embeddings)
-        if qtype in (QT.F32, QT.F16):
-            writer.add_tensor(name, data.astype(np.float32 if qtype == QT.F32 else np.float16))
-        elif qtype == QT.Q6_K:
-            writer.add_tensor(name, quantize_q6_k(data.reshape(-1, data.shape[-1])).reshape(*data.shape[:-1], -1),
-                              raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        tensor_types[name] = qtype.name
-        if note:
-            notes.append(note)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -149,7 +168,85 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, *, type: str = "f16"
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return GGUFExport(out, arch, type, tensor_types, notes)
+    return GGUFExport(out, arch, file_type, tensors.types, notes, tensors.held, tensors.errors)
+
+
+def _float_type(model: CausalLM, type: str, quantized: bool) -> str:
+    """The storage of float matrices: `type`, or for `auto` f16 (an unquantized checkpoint, as llama.cpp's own
+    converter does) or the checkpoint's precision (a quantized one: it ships the numbers it was measured with)."""
+    if type != "auto":
+        return type
+    if not quantized:
+        return "f16"
+    return "f16" if model.model.norm.weight.dtype == torch.float16 else "f32"
+
+
+class _Tensors:
+    """Adds tensors to the writer: float ones in the type `tensor_type` gives, held quantized ones as their blocks
+    (`gguf_blocks.encode`); keeps each tensor's type, what was written from held codes, and measured errors."""
+
+    def __init__(self, writer: "gguf.GGUFWriter", float_type: str, *, tied: bool):
+        self.writer, self.float_type, self.tied = writer, float_type, tied
+        self.types: dict[str, str] = {}
+        self.held: list[str] = []
+        self.errors: dict[str, float] = {}
+        self._notes: list[str] = []
+        self._inexact: list[tuple[str, str, Encoded]] = []  # (name, pass, encoded) converted with an error
+        self._unblocked: list[tuple[str, str, tuple]] = []  # (name, stored type, shape) held but not blockable
+        self._counts: dict[str, int] = {}  # ggml type -> weights held in it
+
+    def add(self, name: str, value: torch.Tensor | HeldWeight) -> None:
+        if isinstance(value, HeldWeight):
+            enc = encode(value)
+            self.held.append(name)
+            if enc.qtype is not None:
+                qtype = QT[enc.qtype]
+                self.writer.add_tensor(name, enc.data.numpy(), raw_dtype=qtype)
+                self.types[name] = qtype.name
+                self._counts[qtype.name] = self._counts.get(qtype.name, 0) + math.prod(value.shape)
+                if not enc.exact:
+                    self.errors[name] = enc.max_error
+                    self._inexact.append((name, value.quantized_by, enc))
+                return
+            value = enc.data  # no block layout: the dequantized fp32 weights, stored as a float matrix
+            self._unblocked.append((name, value.shape))
+        data = value.detach().float().contiguous().numpy()
+        qtype, note = tensor_type(name, data.shape, self.float_type, tied=self.tied)
+        if qtype in (QT.F32, QT.F16):
+            self.writer.add_tensor(name, data.astype(np.float32 if qtype == QT.F32 else np.float16))
+        elif qtype == QT.Q6_K:
+            self.writer.add_tensor(name, quantize_q6_k(data.reshape(-1, data.shape[-1])).reshape(
+                *data.shape[:-1], -1), raw_dtype=qtype)
+        else:
+            self.writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        self.types[name] = qtype.name
+        if note:
+            self._notes.append(note)
+
+    def file_type(self) -> str:
+        """The ggml type holding most of the held quantized weights, as a `TYPES`-style name (q8_0, q4_1, ...)."""
+        if not self._counts:
+            return self.float_type
+        return max(self._counts, key=self._counts.get).lower()
+
+    def notes(self) -> list[str]:
+        notes = list(self._notes)
+        if self._unblocked:
+            name, shape = self._unblocked[0]
+            notes.append(f"{len(self._unblocked)} quantized matrices (e.g. {name}, {tuple(shape)}) have rows or groups "
+                         "that are not whole 32-weight GGUF blocks; written as their dequantized weights in "
+                         f"{self.types[name]}" + (" (exact)" if self.types[name] == "F32" else ""))
+        if self._inexact:
+            worst_name, _, worst = max(self._inexact, key=lambda t: t[2].max_error / max(t[2].max_abs, 1e-30))
+            passes = sorted({p for _, p, _ in self._inexact})
+            types = sorted({e.qtype for _, _, e in self._inexact})
+            notes.append(
+                f"{len(self._inexact)} quantized matrices hold parameters GGUF cannot store exactly (scales that are "
+                f"not fp16 values; passes: {', '.join(passes)}): converted to {'/'.join(types)} with fp16-rounded "
+                f"parameters, codes kept; largest weight difference {worst.max_error:.3g} ({worst_name}, "
+                f"{worst.max_error / max(worst.max_abs, 1e-30):.2%} of its largest weight). For an exact file, "
+                "quantize with quant.int4/quant.gptq format=q4_0 or q4_1 (int8 scales are fp16 values already)")
+        return notes
 
 
 # -- what can be exported ---------------------------------------------------------------------------
@@ -172,38 +269,75 @@ def check_gguf_exportable(model: CausalLM, *, where: Path | str = "model",
         raise GGUFExportError(f"{where}: mixture-of-experts with mlp_bias=True: llama.cpp's expert tensors "
                               f"(ffn_*_exps) have no biases, so GGUF cannot express this model; {keep}")
     notes = _check_modules(model, where, passes or [])
-    _check_shapes(model, where)
+    _check_shapes(model, where, passes)
     qwen2 = (c.model_type == "qwen2" and not (c.attention_bias or c.mlp_bias) and not c.rope_scaling
              and not c.num_local_experts and c.num_attention_heads * c.head_dim == c.hidden_size)
     return ("qwen2" if qwen2 else "llama"), notes
 
 
 def _check_modules(model: CausalLM, where: Path | str, passes: list[dict]) -> list[str]:
+    """Every projection, embedding and output module is one GGUF can hold (dense, pruned, low-rank, or quantized
+    by slmkit); notes on those written otherwise than they are held."""
+    from ..compress.lowrank import LowRankLinear
     from ..compress.sparse import SparseLinear
 
     dense = (nn.Linear, SparseLinear)
     linears = {"lm_head": model.lm_head} if not model.config.tie_word_embeddings else {}
     linears.update({n: m for n, m in model.named_modules() if n.endswith(("_proj", "mlp.gate"))})
-    bad = [(n, m) for n, m in linears.items() if type(m) not in dense]
-    if type(model.model.embed_tokens) is not nn.Embedding:
-        bad.insert(0, ("model.embed_tokens", model.model.embed_tokens))
+    bad = [(n, m) for n, m in linears.items() if type(m) not in (*dense, *HELD_LINEARS, LowRankLinear)]
+    bad += [(f"{n}.{part}", getattr(m, part)) for n, m in linears.items() if type(m) is LowRankLinear
+            for part in ("down", "up") if type(getattr(m, part)) is not nn.Linear]
+    embed = model.model.embed_tokens
+    if type(embed) not in (nn.Embedding, QuantizedEmbedding):
+        bad.insert(0, ("model.embed_tokens", embed))
+    if model.config.tie_word_embeddings and isinstance(embed, QuantizedEmbedding) and \
+            getattr(model.lm_head, "embedding", None) is not embed:
+        bad.append(("lm_head", model.lm_head))
     if bad:
         name, module = bad[0]
-        applied = ", ".join(p.get("name", "?") for p in passes) or "none recorded"
+        made_by = _passes_touching(name, passes)
         raise GGUFExportError(
-            f"{where}: {len(bad)} modules are not dense weights (e.g. {name}: {type(module).__name__}; compression "
-            f"passes applied: {applied}). GGUF holds one dense or llama.cpp-quantized matrix per projection, so "
-            "low-rank factors would have to be merged back (W = up @ down) and slmkit's int8/int4 formats cannot "
-            "be stored. Export the checkpoint from before these passes — `--type q8_0` or `q4_0` quantizes for "
-            "llama.cpp here — or keep this model in slmkit format (`slm serve`)")
+            f"{where}: {len(bad)} modules have no GGUF form (e.g. {name}: {type(module).__name__}, made by "
+            f"{made_by}). GGUF holds one dense or llama.cpp-quantized matrix per projection; export the checkpoint "
+            "from before that pass, or keep this model in slmkit format (`slm serve`)")
+    notes = []
     sparse = [n for n, m in linears.items() if type(m) is SparseLinear]
     if sparse:
-        return [f"{len(sparse)} pruned projections (e.g. {sparse[0]}) are written dense: GGUF has no sparse "
-                "storage, so their zeros take the same space as any weight"]
-    return []
+        notes.append(f"{len(sparse)} pruned projections (e.g. {sparse[0]}) are written dense: GGUF has no sparse "
+                     "storage, so their zeros take the same space as any weight")
+    low_rank = [n for n, m in linears.items() if type(m) is LowRankLinear]
+    if low_rank:
+        notes.append(f"{len(low_rank)} low-rank projections (e.g. {low_rank[0]}) are merged into dense matrices "
+                     "(W = up · down, in float64): the same function, but GGUF has no factored form, so they take "
+                     "the dense size")
+    return notes
 
 
-def _check_shapes(model: CausalLM, where: Path | str) -> None:
+def _passes_touching(module: str, passes: list[dict]) -> str:
+    """The recorded passes whose report lists `module` (or, when none does, every pass applied)."""
+    def listed(p: dict) -> bool:
+        report = p.get("report") if isinstance(p.get("report"), dict) else p
+        return any(module == m or module.startswith(m + ".") for m in report.get("modules", []) or [])
+
+    named = [p.get("name", "?") for p in passes if listed(p)]
+    if named:
+        return "pass " + ", ".join(named)
+    applied = ", ".join(p.get("name", "?") for p in passes)
+    return f"one of the passes applied ({applied})" if applied else "no recorded pass"
+
+
+def _matrix_shape(m: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of the matrix a module holds, whatever form it holds it in."""
+    if isinstance(m, nn.Embedding):
+        return tuple(m.weight.shape)
+    if isinstance(m, QuantizedEmbedding):
+        return m.num_embeddings, m.embedding_dim
+    if isinstance(m, nn.Linear):
+        return tuple(m.weight.shape)
+    return m.out_features, m.in_features
+
+
+def _check_shapes(model: CausalLM, where: Path | str, passes: list[dict] | None = None) -> None:
     """Every tensor has the shape config.json implies: llama.cpp reads one head count and one MLP width for
     all layers, so per-layer sizes (e.g. prune.width with uniform=False) cannot be written."""
     c = model.config
@@ -211,21 +345,23 @@ def _check_shapes(model: CausalLM, where: Path | str) -> None:
         c.intermediate_size
     expected = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
                 "gate_proj": (F, d), "up_proj": (F, d), "down_proj": (d, F), "mlp.gate": (c.num_local_experts, d)}
-    tables = {"model.embed_tokens": model.model.embed_tokens.weight, "lm_head": model.lm_head.weight}
-    for name, w in tables.items():
-        if tuple(w.shape) != (c.vocab_size, d):
-            raise GGUFExportError(f"{where}: {name}.weight has shape {tuple(w.shape)}, config.json implies "
+    tables = {"model.embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head}
+    for name, m in tables.items():
+        if _matrix_shape(m) != (c.vocab_size, d):
+            raise GGUFExportError(f"{where}: {name}.weight has shape {_matrix_shape(m)}, config.json implies "
                                   f"{(c.vocab_size, d)} (vocab_size, hidden_size)")
     if len(model.model.layers) != c.num_hidden_layers:
         raise GGUFExportError(f"{where}: {len(model.model.layers)} decoder layers, config.json says "
                               f"num_hidden_layers={c.num_hidden_layers}")
     for name, m in model.named_modules():
         suffix = next((s for s in expected if name.endswith(s)), None)
-        if suffix is not None and tuple(m.weight.shape) != expected[suffix]:
+        if suffix is not None and _matrix_shape(m) != expected[suffix]:
+            applied = ", ".join(p.get("name", "?") for p in passes or []) or "none recorded"
             raise GGUFExportError(
-                f"{where}: {name}.weight has shape {tuple(m.weight.shape)}, config.json implies {expected[suffix]}. "
-                "llama.cpp's graph has one head count and one feed_forward_length for every layer, so per-layer "
-                "sizes cannot be expressed in GGUF; prune with uniform=True, or keep this model in slmkit format")
+                f"{where}: {name}.weight has shape {_matrix_shape(m)}, config.json implies {expected[suffix]} "
+                f"(passes applied: {applied}). llama.cpp's graph has one head count and one feed_forward_length for "
+                "every layer, so per-layer sizes cannot be expressed in GGUF; prune with uniform=True, or keep this "
+                "model in slmkit format")
 
 
 # -- tensors ----------------------------------------------------------------------------------------
@@ -248,13 +384,15 @@ def _name(tensor: "gguf.MODEL_TENSOR", suffix: str = "weight", bid: int | None =
     return gguf.TENSOR_NAMES[tensor].format(bid=bid) + "." + suffix
 
 
-def gguf_tensors(model: CausalLM, arch: str = "llama") -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor in llama.cpp's layout) for every tensor of the file, in llama.cpp's order."""
+def gguf_tensors(model: CausalLM, arch: str = "llama") -> Iterator[tuple[str, torch.Tensor | HeldWeight]]:
+    """(GGUF name, tensor in llama.cpp's layout) for every tensor of the file, in llama.cpp's order. A matrix held
+    quantized comes as a `HeldWeight` (its codes go into the file; its rows are permuted as the tensor's would be);
+    low-rank factors come merged."""
     T, c = gguf.MODEL_TENSOR, model.config
-    yield _name(T.TOKEN_EMBD), model.model.embed_tokens.weight
+    yield _name(T.TOKEN_EMBD), _matrix(model.model.embed_tokens)
     yield _name(T.OUTPUT_NORM), model.model.norm.weight
     if not c.tie_word_embeddings:
-        yield _name(T.OUTPUT), model.lm_head.weight
+        yield _name(T.OUTPUT), _matrix(model.lm_head)
     if c.rope_scaling:  # llama3: per-frequency divisors of θ
         yield _name(T.ROPE_FREQS), rope_inverse_frequencies(c.replace(rope_scaling=None)) / rope_inverse_frequencies(c)
     heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}
@@ -265,23 +403,55 @@ def gguf_tensors(model: CausalLM, arch: str = "llama") -> Iterator[tuple[str, to
         yield _name(T.ATTN_NORM, bid=i), layer.input_layernorm.weight
         for proj, kind in attn_names.items():
             linear = getattr(layer.self_attn, proj)
-            for suffix, t in (("weight", linear.weight), ("bias", linear.bias)):
-                if t is None:
-                    continue
-                if arch == "llama" and proj in heads:
-                    t = permute_qk(t.detach(), heads[proj])
-                yield _name(kind, suffix, i), t
+            rows = None
+            if arch == "llama" and proj in heads:
+                rows = functools.partial(permute_qk, n_heads=heads[proj])
+            yield _name(kind, "weight", i), _matrix(linear, rows)
+            bias = _bias(linear)
+            if bias is not None:
+                yield _name(kind, "bias", i), bias if rows is None else rows(bias.detach())
         yield _name(T.FFN_NORM, bid=i), layer.post_attention_layernorm.weight
         if c.num_local_experts:
-            yield _name(T.FFN_GATE_INP, bid=i), layer.mlp.gate.weight  # (E, d)
+            yield _name(T.FFN_GATE_INP, bid=i), _matrix(layer.mlp.gate)  # (E, d)
             for proj, kind in expert_names.items():  # (E, F, d) for gate/up, (E, d, F) for down
-                yield _name(kind, bid=i), torch.stack([getattr(e, proj).weight.detach() for e in layer.mlp.experts])
+                experts = [getattr(e, proj) for e in layer.mlp.experts]
+                if all(isinstance(e, HELD_LINEARS) for e in experts):
+                    yield _name(kind, bid=i), HeldWeight(experts, stacked=True)
+                else:
+                    yield _name(kind, bid=i), torch.stack([_dense(e) for e in experts])
         else:
             for proj, kind in mlp_names.items():
                 linear = getattr(layer.mlp, proj)
-                yield _name(kind, bid=i), linear.weight
-                if linear.bias is not None:
-                    yield _name(kind, "bias", i), linear.bias
+                yield _name(kind, bid=i), _matrix(linear)
+                if _bias(linear) is not None:
+                    yield _name(kind, "bias", i), _bias(linear)
+
+
+def _matrix(m: nn.Module, rows=None) -> torch.Tensor | HeldWeight:
+    """The weight matrix of a projection or embedding module: held codes for quantized modules, else floats;
+    `rows` permutes its rows (Q/K)."""
+    if isinstance(m, HELD_TYPES):
+        return HeldWeight([m], rows=rows)
+    w = _dense(m)
+    return w if rows is None else rows(w)
+
+
+def _dense(m: nn.Module) -> torch.Tensor:
+    """A float module's (out, in) weight; low-rank factors merged, W = up · down (float64, rounded once)."""
+    from ..compress.lowrank import LowRankLinear
+
+    if isinstance(m, LowRankLinear):
+        w = m.up.weight.detach().double() @ m.down.weight.detach().double()  # (out, r) @ (r, in)
+        return w.to(m.up.weight.dtype)
+    if isinstance(m, HELD_TYPES):
+        return m.dequantize(torch.float32)
+    return m.weight.detach()
+
+
+def _bias(m: nn.Module) -> torch.Tensor | None:
+    from ..compress.lowrank import LowRankLinear
+
+    return m.up.bias if isinstance(m, LowRankLinear) else getattr(m, "bias", None)
 
 
 def tensor_type(name: str, shape: tuple[int, ...], file_type: str, *, tied: bool) -> tuple["QT", str | None]:
@@ -307,7 +477,8 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, *, tied: bool
 
 def _add_hparams(w: "gguf.GGUFWriter", c: ModelConfig, arch: str, type: str, name: str | None) -> None:
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                  "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
     if name:
         w.add_name(name)
     w.add_file_type(file_types[type])

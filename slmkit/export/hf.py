@@ -35,6 +35,14 @@ The rest of the work is in the config:
   not trained with a router z-loss, so an imported one gets `router_z_loss_coef=0`.
 
 Weights are read and written with safetensors only; a pickle (`pytorch_model.bin`) checkpoint is refused.
+
+Compressed checkpoints export as the dense model they compute (`dense_state_dict`): slmkit-quantized modules
+(`Int8Linear`, `Int4Linear`, a tied `QuantizedEmbedding`) are written as their dequantized weights — exactly the
+values slmkit's own dense path multiplies with (at fp32: the products of codes and scales, no rounding) —,
+low-rank factors merged (W = up · down, in float64, rounded once), pruned `SparseLinear` weights with their zeros.
+transformers then computes the checkpoint's function, but in float: none of the size saving of quantization or
+factorization survives, which the export says (a warning, and a note in the model card's README.md). For
+llama.cpp, `slm export gguf` keeps the quantized codes.
 """
 
 from __future__ import annotations
@@ -103,8 +111,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     except CheckpointError as e:
         raise HFExportError(f"cannot export {ckpt_dir}: {e}") from None
     model, config = ckpt.model, ckpt.config
-    check_exportable(model, where=ckpt_dir)
-    state = hf_state_dict(model, _as_dtype(dtype))
+    dense, notes = dense_state_dict(model, ckpt.provenance.get("passes", []))
+    check_exportable(model, where=ckpt_dir, state=dense)
+    state = hf_state_dict(model, _as_dtype(dtype), state=dense)
     out_dtype = state["model.embed_tokens.weight"].dtype
 
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +129,12 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     if (ckpt_dir / "README.md").exists():
         card = (ckpt_dir / "README.md").read_text()
         # In HF format the model runs under transformers; the Hub reads library_name from the front matter.
-        atomic_write_text(out / "README.md", card.replace('library_name: "slmkit"', 'library_name: "transformers"', 1))
+        card = card.replace('library_name: "slmkit"', 'library_name: "transformers"', 1)
+        if notes:
+            card = card.rstrip("\n") + "\n\n## Hugging Face export\n\n" + "".join(f"- {n}\n" for n in notes)
+        atomic_write_text(out / "README.md", card)
+    for note in notes:
+        warnings.warn(f"{ckpt_dir}: {note}", stacklevel=2)
     _warn_sliding_window(config, f"{out}/config.json", exported=True)
     if config.memory_length:
         warnings.warn(f"{ckpt_dir}: memory_length={config.memory_length} (Transformer-XL segment memory) has no "
@@ -129,8 +143,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     return out
 
 
-def check_exportable(model: CausalLM, *, where: Path | str = "model") -> None:
-    """Raise HFExportError when the HF class for `model.config.model_type` cannot hold this model."""
+def check_exportable(model: CausalLM, *, where: Path | str = "model",
+                     state: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise HFExportError when the HF class for `model.config.model_type` cannot hold this model (`state`: its
+    dense state dict, `dense_state_dict`, when already computed)."""
     c = model.config
     if c.model_type not in ARCHITECTURES:
         raise HFExportError(f"{where}: model_type={c.model_type!r} has no Hugging Face architecture here; "
@@ -151,17 +167,12 @@ def check_exportable(model: CausalLM, *, where: Path | str = "model") -> None:
                             f"format: {arch} has no biases. Use model_type='qwen2' (q/k/v biases) or "
                             "'llama' (attention_bias, mlp_bias).")
     _check_family_options(c, where)
-    # A compression pass may have swapped projections for packed/quantized modules: those are not HF weights.
-    swapped = [name for name, m in model.named_modules()
-               if name.endswith("_proj") and type(m) is not torch.nn.Linear]
-    if swapped:
-        raise HFExportError(f"{where}: {len(swapped)} projections are not plain nn.Linear (e.g. {swapped[0]}: "
-                            f"{type(model.get_submodule(swapped[0])).__name__}); Hugging Face format holds dense "
-                            "weights only — export the checkpoint from before the pass that replaced them")
+    if state is None:
+        state, _ = dense_state_dict(model)
     with torch.device("meta"):
         reference = CausalLM(c)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in state.items()}
     if expected != actual:
         extra = sorted(set(actual) - set(expected))[:5]
         missing = sorted(set(expected) - set(actual))[:5]
@@ -190,11 +201,66 @@ def _check_family_options(c: ModelConfig, where: Path | str) -> None:
                             f"{kind!r} scaling; export this model as model_type 'llama' instead")
 
 
-def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The state dict transformers expects: tied lm_head omitted, Qwen2 q/k/v biases always present,
-    Phi-3 projections fused and Mixtral experts under their checkpoint names."""
+def dense_state_dict(model: CausalLM, passes: list[dict] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The model's state dict with every compressed module as the dense float weight it computes with (see the
+    module docstring), and notes on what was converted (empty for a model of plain Linears)."""
+    from ..compress.lowrank import LowRankLinear
+    from ..compress.qlinear import QUANTIZED_LINEARS, QuantizedEmbedding, TiedQuantizedHead
+    from ..compress.sparse import SparseLinear
+
+    dense: dict[str, torch.Tensor] = {}
+    converted: dict[str, list[str]] = {"quantized": [], "low-rank": [], "sparse": []}
+    done: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in done):
+            continue
+        if isinstance(m, (QuantizedEmbedding, *QUANTIZED_LINEARS)):
+            dense[f"{name}.weight"], kind = m.dequantize(), "quantized"
+        elif isinstance(m, LowRankLinear):
+            w = m.up.weight.detach().double() @ m.down.weight.detach().double()  # (out, r) @ (r, in)
+            dense[f"{name}.weight"], kind = w.to(m.up.weight.dtype), "low-rank"
+        elif isinstance(m, SparseLinear):
+            dense[f"{name}.weight"], kind = m.weight.detach(), "sparse"
+        elif isinstance(m, TiedQuantizedHead):
+            done.append(name)
+            continue
+        else:
+            continue
+        bias = m.up.bias if isinstance(m, LowRankLinear) else getattr(m, "bias", None)
+        if bias is not None:
+            dense[f"{name}.bias"] = bias.detach()
+        converted[kind].append(name)
+        done.append(name)
+    state = {k: v.detach() for k, v in model.state_dict().items()
+             if not any(k.startswith(p + ".") for p in done)}
+    state.update(dense)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    applied = ", ".join(dict.fromkeys(p.get("name", "?") for p in passes or [])) or "none recorded"
+    notes = []
+    if converted["quantized"]:
+        n = converted["quantized"]
+        notes.append(f"{len(n)} quantized modules (e.g. {n[0]}; passes: {applied}) are written dequantized: float "
+                     "weights equal to the values slmkit computes with, so transformers computes the same function, "
+                     "but at float size; `slm export gguf` keeps the quantized codes")
+    if converted["low-rank"]:
+        n = converted["low-rank"]
+        notes.append(f"{len(n)} low-rank projections (e.g. {n[0]}) are written merged (W = up · down): the same "
+                     "function at the dense size")
+    if converted["sparse"]:
+        n = converted["sparse"]
+        notes.append(f"{len(n)} pruned projections (e.g. {n[0]}) are written dense: their zeros take the same "
+                     "space as any weight")
+    return state, notes
+
+
+def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict transformers expects: compressed modules dense (`dense_state_dict`, or `state` when given),
+    tied lm_head omitted, Qwen2 q/k/v biases always present, Phi-3 projections fused and Mixtral experts under
+    their checkpoint names."""
     c = model.config
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = dict(state) if state is not None else dense_state_dict(model)[0]
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if c.model_type == "qwen2" and not c.qkv_bias:

@@ -110,11 +110,12 @@ def test_kv_cache_decode_equals_full_forward(name, options, tol):
         cache = model.new_cache(2, 16)
         parts = [model(x[:, :6], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(6, 10)]
     if options.get("kernel") == "dynamic":
-        # Rows are quantized independently, so the prefill equals the full forward bit for bit. In the decode
+        # Rows are quantized independently, so the prefill equals the full forward up to the attention's own
+        # float rounding over 6 keys instead of 10 (measured: 2.4e-7 with some seeds, 0 with others). In the decode
         # steps a 2e-8 difference of the attention output moved one o_proj activation across a 7-bit rounding
         # boundary, and this random model's tiny residual stream (RMSNorm divides by ~0.02) amplifies that
         # step to ~1%: the scale of the kernel's own error against fp32 (1.2% above), not a cache bug.
-        assert torch.equal(parts[0], full[:, :6])
+        assert torch.allclose(parts[0], full[:, :6], rtol=0, atol=1e-5)
         assert rel(torch.cat(parts, 1), full) < 0.02
     else:
         assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)

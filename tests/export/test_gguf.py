@@ -1,5 +1,6 @@
 """GGUF export: the file read back with gguf's own reader holds every key and tensor llama.cpp needs, an independent
 llama.cpp-layout forward over its tensors reproduces slmkit's logits, and every unsupported model is refused.
+Compressed (quantized, low-rank) checkpoints: test_gguf_compressed.py.
 
 llama.cpp itself loading the files (tokenize, score, decode greedily as slmkit does) is test_gguf_llama_cpp.py,
 through node-llama-cpp's prebuilt binaries (see llama_cpp_node.py)."""
@@ -156,10 +157,31 @@ def in_gguf_layout(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
     return t
 
 
+def ggml_activations(x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What llama.cpp's CPU matmul makes of activations x (T, in) before a dot product with the quantized reader
+    tensor `t` (ggml's `vec_dot_type`): Q8_0 and Q4_0 weights take Q8_0 activations, Q4_1 weights Q8_1. Both
+    quantize each 32-block with d = amax/127, q = round(x/d), store fp16(d); Q8_1 also stores s = fp16(d·Σq), which
+    multiplies the weights' m. Returns (x̂ = q·fp16(d), and for Q4_1 the (T, in/32) s), float64."""
+    T, n = x.shape
+    blocks = x.reshape(T, n // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True).float() / 127  # ggml computes d and 1/d in fp32
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks.float() * inv).double()
+    d16 = d.half().double()
+    xq = (q * d16).reshape(T, n)
+    if t.tensor_type != QT.Q4_1:
+        return xq, None
+    return xq, (q.sum(-1) * d.double()[..., 0]).float().half().double()  # (T, in/32)
+
+
 @torch.no_grad()
-def reference_logits(meta: dict, tensors: dict, ids: list[int], interleaved: bool | None = None) -> torch.Tensor:
+def reference_logits(meta: dict, tensors: dict, ids: list[int], interleaved: bool | None = None,
+                     ggml_matmul: bool = False) -> torch.Tensor:
     """A llama.cpp-layout decoder written from the GGUF alone (float64): RMSNorm, RoPE on adjacent pairs for
-    `llama` (NeoX halves for `qwen2`, as llama.cpp), GQA, SwiGLU or softmax top-k experts. Returns (T, V)."""
+    `llama` (NeoX halves for `qwen2`, as llama.cpp), GQA, SwiGLU or softmax top-k experts. Returns (T, V).
+
+    `ggml_matmul`: multiply quantized matrices the way llama.cpp's CPU backend does, with the activations
+    quantized to 8 bits per 32-block first (`ggml_activations`); the weights are the file's either way."""
     arch = meta["general.architecture"]
     p = arch + "."
     W = {name: dequantized(t) for name, t in tensors.items()}
@@ -175,8 +197,20 @@ def reference_logits(meta: dict, tensors: dict, ids: list[int], interleaved: boo
     def norm(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
+    def matmul(x, name):  # (T, in) @ W.T -> (T, out)
+        t = tensors[name]
+        if not ggml_matmul or t.tensor_type not in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+            return x @ W[name].T
+        xq, s = ggml_activations(x, t)
+        if s is None:
+            return xq @ W[name].T
+        raw = np.asarray(t.data).reshape(W[name].shape[0], -1, 20)  # Q4_1 blocks: fp16 d, fp16 m, 16 bytes
+        m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64))  # (out, in/32)
+        w_dq = W[name] - m.repeat_interleave(32, dim=1)  # q · d: the part that meets x̂
+        return xq @ w_dq.T + s @ m.T  # Σ_b d_w d_x Σ q_w q_x + m_w s_x
+
     def linear(x, name):
-        y = x @ W[name + ".weight"].T
+        y = matmul(x, name + ".weight")
         return y + W[name + ".bias"] if name + ".bias" in W else y
 
     def rope(x):  # (T, n, hd)
@@ -207,7 +241,7 @@ def reference_logits(meta: dict, tensors: dict, ids: list[int], interleaved: boo
         else:
             x = x + linear(F.silu(linear(h, b + "ffn_gate")) * linear(h, b + "ffn_up"), b + "ffn_down")
     x = norm(x, W["output_norm.weight"])
-    return x @ W.get("output.weight", W["token_embd.weight"]).T
+    return matmul(x, "output.weight" if "output.weight" in W else "token_embd.weight")
 
 
 def prompt_ids(seed: int = 1, T: int = 24) -> list[int]:
@@ -496,16 +530,6 @@ def test_architectures_gguf_cannot_express_are_refused(tmp_path, slm_tokenizer_d
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("plan, module", [("lowrank.svd:ratio=0.5", "LowRankLinear"), ("quant.int8", "Int8Linear"),
-                                          ("quant.int4:group_size=32", "Int4Linear")])
-def test_slmkit_compressed_checkpoints_are_refused(tmp_path, slm_tokenizer_dir, plan, module):
-    ck = make_checkpoint(tmp_path / "ck", slm_tokenizer_dir)
-    compress(ck, tmp_path / "small", [parse_pass(plan)], speed=False)
-    with pytest.raises(GGUFExportError, match=rf"{module}; compression passes applied: {plan.split(':')[0]}\)"
-                                              r".*Export the checkpoint from before these passes"):
-        export_gguf(tmp_path / "small", tmp_path / "m.gguf")
-
-
 def test_pruned_checkpoints_export_dense_with_a_note(tmp_path, slm_tokenizer_dir):
     ck = make_checkpoint(tmp_path / "ck", slm_tokenizer_dir)
     compress(ck, tmp_path / "pruned", [parse_pass("prune.magnitude:sparsity=0.5")], speed=False)
@@ -527,7 +551,7 @@ def test_per_layer_widths_are_refused(slm_tokenizer_dir):
 
 def test_bad_inputs_are_refused(tmp_path, slm_tokenizer_dir):
     ck = make_checkpoint(tmp_path / "ck", slm_tokenizer_dir)
-    with pytest.raises(GGUFExportError, match="--type 'q5_k' is not supported; choose one of f32, f16, q8_0, q4_0"):
+    with pytest.raises(GGUFExportError, match="--type 'q5_k' is not supported; choose one of auto, f32, f16, q8_0, q4_0"):
         export_gguf(ck, tmp_path / "m.gguf", type="q5_k")
     with pytest.raises(GGUFExportError, match="is a directory"):
         export_gguf(ck, tmp_path)
