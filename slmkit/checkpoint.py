@@ -88,11 +88,19 @@ def atomic_copy(src: Path, dst: Path) -> None:
 
 
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unique, contiguous tensors; a tied lm_head is omitted (restored by tying on load)."""
+    """Unique, contiguous tensors that own their storage (a fused projection's sources are views of one
+    tensor, see compress/fuse.py); a tied lm_head is omitted (restored by tying on load)."""
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    return {k: _owning(v.detach()) for k, v in sd.items()}
+
+
+def _owning(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    if not t.is_meta and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone()  # a view into a larger tensor: save its own bytes only
+    return t
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from ..compress.fuse import fuse_projections
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -173,6 +175,7 @@ def bench_model(model, cfg: BenchConfig = BenchConfig(), progress: Callable[[int
     _check_context(model, cfg)
     amp = _amp(cfg, next(model.parameters()).device)
     model.eval()
+    fuse_projections(model)  # as generate and the server run it
     out: dict = {}
     for b in cfg.batch_sizes:
         _time_once(model, b, cfg, amp)  # warm-up: allocator, kernels, caches, the kernel choice
@@ -203,6 +206,7 @@ def bench_side_by_side(models: dict[str, torch.nn.Module], cfg: BenchConfig = Be
     for m in models.values():
         _check_context(m, cfg)
         m.eval()
+        fuse_projections(m)
     amps = {n: _amp(cfg, next(models[n].parameters()).device) for n in names}
     out: dict[str, dict] = {n: {} for n in names}
     for b in cfg.batch_sizes:

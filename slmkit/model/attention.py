@@ -27,9 +27,18 @@ class Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Queries, keys and values of `x` (B, T, d) with rotary positions applied to q and k."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        fused = self.__dict__.get("fused_qkv")  # set by slmkit.compress.fuse for quantized inference
+        qkv = fused(x) if fused is not None else None
+        if qkv is not None:
+            q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim), dim=-1)
+        else:
+            if fused is not None:  # its sources were replaced since: compute unfused from now on
+                del self.__dict__["fused_qkv"]
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         cos, sin = rope
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 

@@ -18,4 +18,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = self.__dict__.get("fused_gate_up")  # set by slmkit.compress.fuse for quantized inference
+        gate_up = fused(x) if fused is not None else None
+        if gate_up is None:
+            if fused is not None:  # its sources were replaced since: compute unfused from now on
+                del self.__dict__["fused_gate_up"]
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -52,6 +52,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..compress.fuse import fuse_projections
 from ..model.cache import KVCache
 from .generate import RowOutput, SamplingParams, apply_repetition_penalty, left_pad, sample_next, stop_token_ids
 
@@ -291,6 +292,7 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 1 (or None: whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        fuse_projections(model)  # quantized q/k/v and gate/up as one matmul each (compress/fuse.py)
         self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
         self.device = next(model.parameters()).device
         model_dtype = next(model.parameters()).dtype

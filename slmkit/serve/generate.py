@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 
+from ..compress.fuse import fuse_projections
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -236,6 +238,7 @@ def generate(model, tokenizer, prompts: list[str] | str, params: SamplingParams 
                          "shorten the prompt or lower max_new_tokens")
     stop_ids = stop_token_ids(params, cfg)
     outputs = [RowOutput(i, len(r), tokenizer, params, stop_ids, on_token) for i, r in enumerate(rows)]
+    fuse_projections(model)  # quantized q/k/v and gate/up as one matmul each (compress/fuse.py)
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     autocast = dtype is not None and dtype != model_dtype
