@@ -1,0 +1,253 @@
+"""Integer CPU kernels for quantized Linear layers at decode-sized inputs (a few rows), built on first use.
+
+torch's int4 weight-only kernel (`aten._weight_int4pack_mm_for_cpu`) is slower than an fp32 matmul at small-model
+shapes on AVX2 CPUs. `q4_gemv` follows llama.cpp's Q4 x Q8 design instead: every activation row is rounded per
+block of 32 columns to int8 with one fp32 scale, and each (output row, block) is an integer dot product of the
+4-bit codes with those int8 values (AVX2 `maddubs`/`madd`), scaled once per block. See q4gemv.c for the
+arithmetic and the weight layout.
+
+Error bound. With d[m, b] = max_{j in b} |x[m, j]| / 127 the rounded activations differ from x by at most
+d[m, b] / 2 per element, and the kernel computes the dequantized product with them exactly up to fp32 rounding, so
+
+    |y[m, n] - sum_j w[n, j] x[m, j]|  <=  sum_b d[m, b] / 2 * sum_{j in b} |w[n, j]|        (+ fp32 accumulation)
+
+where w = (q - z) s is the exact dequantized weight. `q4_error_bound` computes it.
+
+Build. q4gemv.c is compiled with the system C compiler (`$CC`, else `cc`) with -O3 -fopenmp into
+`$SLMKIT_CACHE_DIR/kernels/<hash>/` (default `~/.cache/slmkit`), the hash covering the source, the compiler's
+identity and the flags, so an edit or another compiler builds anew. The build writes a temporary file and renames
+it into place, so processes building at once never load a half-written library. No compiler, a failed build or a
+library that will not load: one warning, `available()` is False and callers keep torch's kernels.
+
+Dispatch. The AVX2 + FMA code is compiled for that target by attribute only (the rest is portable C) and runs
+only when the CPU reports both and torch's kernel level (`ATEN_CPU_CAPABILITY`) is not `default`; otherwise the
+scalar code runs. Threads: OpenMP over output rows with `torch.get_num_threads()` threads; the library links
+the same libgomp soname torch ships, so the two share one runtime rather than spinning two thread pools."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "q4_supported", "prepare_q4", "Q4Weights", "q4_gemv", "q4_error_bound", "kernel_level",
+           "KernelBuildWarning"]
+
+SOURCE = Path(__file__).with_name("q4gemv.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
+OPENMP = ("-fopenmp",)
+BLOCK = 32  # activation quantization block (input columns)
+BUILD_TIMEOUT_S = 180
+
+
+class KernelBuildWarning(RuntimeWarning):
+    """The C kernels could not be built or loaded; torch's kernels are used instead."""
+
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None once tried
+
+
+def cache_root() -> Path:
+    """Where slmkit caches built things: $SLMKIT_CACHE_DIR, else ~/.cache/slmkit."""
+    return Path(os.environ.get("SLMKIT_CACHE_DIR") or Path.home() / ".cache" / "slmkit")
+
+
+def _compiler() -> list[str] | None:
+    cc = shlex.split(os.environ.get("CC") or "") or ["cc"]
+    exe = shutil.which(cc[0])
+    return None if exe is None else [exe, *cc[1:]]
+
+
+def _compiler_identity(cc: list[str]) -> str:
+    try:
+        out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout + out.stderr
+    except (OSError, subprocess.SubprocessError) as e:
+        return repr(e)
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile SOURCE into `target` atomically; None on success, else the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                             timeout=BUILD_TIMEOUT_S)
+        if run.returncode != 0:
+            return (run.stderr or run.stdout).strip()[-2000:] or f"exit status {run.returncode}"
+        os.replace(tmp, target)  # atomic: a concurrent builder's identical file is replaced whole
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return repr(e)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.slm_q4_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, i]
+    lib.slm_q4_gemv.restype = i
+    lib.slm_cpu_has_avx2.argtypes = []
+    lib.slm_cpu_has_avx2.restype = i
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        name = os.environ.get("CC") or "cc"
+        warnings.warn(f"slmkit: no C compiler ({name!r} not found; set CC to one): int4/int8 decode uses torch's "
+                      f"slower kernels", KernelBuildWarning, stacklevel=4)
+        return None
+    ident = _compiler_identity(cc)
+    errors = []
+    for flags in (FLAGS + OPENMP, FLAGS):  # a compiler without OpenMP still gets the single-thread kernel
+        key = hashlib.sha256(SOURCE.read_bytes() + ident.encode() + " ".join(cc + list(flags)).encode()).hexdigest()
+        target = cache_root() / "kernels" / key[:16] / "q4gemv.so"
+        if not target.exists():
+            err = _compile(cc, flags, target)
+            if err is not None:
+                errors.append(f"{' '.join(cc + list(flags))}: {err}")
+                continue
+        try:
+            return _bind(ctypes.CDLL(str(target)))
+        except (OSError, AttributeError) as e:
+            errors.append(f"loading {target}: {e}")
+    warnings.warn("slmkit: building the C kernels failed, so int4/int8 decode uses torch's slower kernels:\n"
+                  + "\n".join(errors), KernelBuildWarning, stacklevel=4)
+    return None
+
+
+def _lib() -> ctypes.CDLL | None:
+    try:
+        return _state["lib"]
+    except KeyError:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+        return _state["lib"]
+
+
+def available() -> bool:
+    """Whether the C kernels are built and loaded (builds them on the first call; never raises)."""
+    return _lib() is not None
+
+
+def kernel_level() -> str:
+    """`avx2` or `scalar`: the code `q4_gemv` runs here (scalar when torch's kernel level is `default`)."""
+    lib = _lib()
+    if lib is None or not lib.slm_cpu_has_avx2():
+        return "scalar"
+    try:
+        level = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        level = os.environ.get("ATEN_CPU_CAPABILITY", "")
+    return "scalar" if level.upper() == "DEFAULT" else "avx2"
+
+
+def q4_supported(in_features: int, group_size: int) -> bool:
+    """Whether `prepare_q4` accepts a layer of this width and group size."""
+    return group_size > 0 and group_size % BLOCK == 0 and in_features % group_size == 0
+
+
+@dataclass(frozen=True, eq=False)
+class Q4Weights:
+    """An int4 layer in the kernel's layout (see q4gemv.c), made by `prepare_q4`; it owns the tensors whose
+    addresses the kernel reads.
+
+    codes:  (out, in/2) uint8; per output row, per block of 32 input columns, 16 bytes whose byte i holds
+            column i (low nibble) and column i + 16 (high nibble)
+    scale:  (out, in/32/blocks_per_scale) fp32: the group scales, repeated per block when a group is an odd
+            number of blocks
+    szero:  (out, groups rounded up to 8) fp32: scale * zero per group, zero padded"""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    szero: torch.Tensor
+    in_features: int
+    out_features: int
+    group_size: int
+    blocks_per_scale: int
+
+    @property
+    def padded_groups(self) -> int:
+        return self.szero.shape[1]
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """(out, in/2) uint8, column 2j low nibble and 2j+1 high -> (out, in) uint8 codes."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def prepare_q4(weight_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Q4Weights:
+    """`Int4Linear`'s buffers (codes `weight_int4` (out, in/2) uint8, `scales` (out, in/group) float, `zeros`
+    (out, in/group) uint8; w = (q - z) s) -> the kernel's layout. Done once per layer; costs a few ms."""
+    n, half = weight_int4.shape
+    k = 2 * half
+    if not q4_supported(k, group_size):
+        raise ValueError(f"prepare_q4: group_size={group_size} must be a multiple of {BLOCK} that divides "
+                         f"in_features={k}")
+    groups = k // group_size
+    if tuple(scales.shape) != (n, groups) or tuple(zeros.shape) != (n, groups):
+        raise ValueError(f"prepare_q4: scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be "
+                         f"(out, in/group) = {(n, groups)}")
+    with torch.no_grad():
+        q = _unpack(weight_int4.detach().cpu()).view(n, k // BLOCK, 2, BLOCK // 2)  # (out, blocks, half, 16)
+        codes = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, half).contiguous()
+        s = scales.detach().cpu().float()
+        bpg = group_size // BLOCK
+        bps = bpg if bpg % 2 == 0 else 1
+        scale = (s if bps == bpg else s.repeat_interleave(bpg, dim=1)).contiguous()
+        pad = -groups % 8
+        szero = torch.nn.functional.pad(s * zeros.detach().cpu().float(), (0, pad)).contiguous()
+    return Q4Weights(codes, scale, szero, k, n, group_size, bps)
+
+
+def q4_gemv(x2: torch.Tensor, w: Q4Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, in) activations -> (rows, out) fp32: x2 @ dequantized(w).T (+ bias), with the activations
+    rounded to int8 per block of 32 (see the module docstring for the error bound). Meant for a few rows
+    (decode: 1-16); it is correct for any number. Raises RuntimeError when `available()` is False."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("q4_gemv: the C kernels are not available (see the earlier KernelBuildWarning)")
+    if x2.dim() != 2 or x2.shape[1] != w.in_features:
+        raise ValueError(f"q4_gemv: input {tuple(x2.shape)} must be (rows, {w.in_features})")
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, w.out_features, dtype=torch.float32)
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    level = _state.get("level")
+    if level is None:
+        level = _state["level"] = kernel_level()
+    rc = lib.slm_q4_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.szero.data_ptr(),
+                         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, w.in_features,
+                         w.out_features, w.blocks_per_scale, w.group_size // BLOCK, w.padded_groups,
+                         torch.get_num_threads(), level == "avx2")
+    if rc != 0:
+        raise MemoryError(f"q4_gemv: no memory for the quantized activations of {rows} rows")
+    return y
+
+
+def q4_error_bound(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(rows, out): the largest |q4_gemv(x2) - x2 @ weight.T| that rounding the activations to int8 per block
+    of 32 can cause, for the exact dequantized `weight` (out, in), before fp32 accumulation error."""
+    x = x2.double()
+    rows, k = x.shape
+    d = x.abs().view(rows, k // BLOCK, BLOCK).amax(2) / 127  # (rows, blocks)
+    wsum = weight.double().abs().view(weight.shape[0], k // BLOCK, BLOCK).sum(2)  # (out, blocks)
+    return (d / 2) @ wsum.T
