@@ -1,12 +1,14 @@
-"""The int4 Q4 x Q8 CPU kernel (`slmkit.compress.cpu_kernels.q4_gemv`) against the kernels it would replace, one run.
+"""The integer CPU kernels (`slmkit.compress.cpu_kernels.q4_gemv`, `q8_gemv`) against the kernels they would replace.
 
 For each (IN x OUT, rows) shape: median µs per call of
   q4        `q4_gemv` (int4 codes x int8 activations, integer dot products)
+  q8        `q8_gemv` (int8 codes x int8 activations; the same int8 weights as fbgemm-i8)
   torch-i4  `aten._weight_int4pack_mm_for_cpu` with bf16 inputs (what `Int4Linear` runs by default) and fp32
   fbgemm-i8 `quantized::linear_dynamic` (what `Int8Linear(kernel="dynamic")` runs; int8 weights)
   fp32      `F.linear` with the dequantized weight
 at 1 thread (CPU time of the calling thread, `time.thread_time`, robust to other load on a shared machine) and
-at 2 threads (wall time). The variants take turns inside each of `--rounds` rounds. Ratios are torch-i4 / q4 etc.
+at 2 threads (wall time). The variants take turns inside each of `--rounds` rounds. Ratios: torch-i4 bf16 / q4,
+fbgemm-i8 / q4, fp32 / q4 and fbgemm-i8 / q8 (above 1: the new kernel is faster).
 
     python benchmarks/q4_kernel.py
     python benchmarks/q4_kernel.py --shapes 576x3072 --rows 1,4 --group-size 32
@@ -17,11 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from slmkit.compress.cpu_kernels import available, kernel_level, prepare_q4, q4_gemv
+from slmkit.compress.cpu_kernels import available, kernel_level, prepare_q4, prepare_q8, q4_gemv, q8_gemv
 
 SMOLLM2 = "576x960,576x576,576x3072,1536x576,576x20175,576x49152"  # q|k|v, o, gate|up, down, trimmed/full head
 
@@ -40,13 +43,17 @@ def layer(in_f: int, out_f: int, group_size: int):
     s_p, zero_p = F.pad(s, (0, 0, 0, pad)), F.pad((8 - z.float()) * s, (0, 0, 0, pad))
     sz = torch.stack([s_p.t(), zero_p.t()], dim=2).contiguous()  # (groups, out, 2)
     amax = w.abs().amax(1).clamp_min(1e-12)
-    qw = torch.quantize_per_channel(w, amax / 127, torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
+    codes8 = torch.round(w / (amax / 127)[:, None]).to(torch.int8)
+    with warnings.catch_warnings():  # torch flags quantized tensors as deprecated; Int8Linear packs the same way
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(codes8, (amax / 127).double(), torch.zeros(out_f, dtype=torch.long), 0)
     i8 = torch.ops.quantized.linear_prepack(qw, None)
-    return w, q4, (packed, group_size, sz), i8
+    q8 = prepare_q8(codes8, amax / 127)
+    return w, q4, (packed, group_size, sz), i8, q8
 
 
 def candidates(in_f: int, out_f: int, rows: int, group_size: int) -> dict:
-    w, q4, (packed, gs, sz), i8 = layer(in_f, out_f, group_size)
+    w, q4, (packed, gs, sz), i8, q8 = layer(in_f, out_f, group_size)
     x = torch.randn(rows, in_f)
     xb, szb = x.bfloat16(), sz.bfloat16()
     mm4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -54,6 +61,7 @@ def candidates(in_f: int, out_f: int, rows: int, group_size: int) -> dict:
     return {"q4": lambda: q4_gemv(x, q4),
             "torch-i4 bf16": lambda: mm4(xb, packed, gs, szb),
             "torch-i4 fp32": lambda: mm4(x, packed, gs, sz),
+            "q8": lambda: q8_gemv(x, q8),
             "fbgemm-i8": lambda: dyn(x, i8, True),
             "fp32": lambda: F.linear(x, w)}
 
@@ -88,9 +96,9 @@ def main() -> None:
         raise SystemExit("the C kernels are not available here (see the warning above)")
     print(f"torch {torch.__version__}, kernel level {torch.backends.cpu.get_cpu_capability()}, "
           f"q4 code {kernel_level()}, group {args.group_size}; median µs per call")
-    names = ["q4", "torch-i4 bf16", "torch-i4 fp32", "fbgemm-i8", "fp32"]
+    names = ["q4", "torch-i4 bf16", "torch-i4 fp32", "q8", "fbgemm-i8", "fp32"]
     head = f"{'shape':>12} {'rows':>4} {'thr':>3} " + " ".join(f"{n:>13}" for n in names)
-    print(head + "   i4bf16/q4  i8/q4  fp32/q4")
+    print(head + "   i4bf16/q4  i8/q4  fp32/q4  i8/q8")
     for shape in args.shapes.split(","):
         in_f, out_f = map(int, shape.split("x"))
         for rows in map(int, args.rows.split(",")):
@@ -104,7 +112,8 @@ def main() -> None:
                 us = median_us(fns, threads, calls, args.rounds)
                 q = us["q4"]
                 print(f"{shape:>12} {rows:>4} {threads:>3} " + " ".join(f"{us[n]:>13.1f}" for n in names)
-                      + f"   {us['torch-i4 bf16'] / q:>9.2f} {us['fbgemm-i8'] / q:>6.2f} {us['fp32'] / q:>8.2f}",
+                      + f"   {us['torch-i4 bf16'] / q:>9.2f} {us['fbgemm-i8'] / q:>6.2f} {us['fp32'] / q:>8.2f}"
+                      f" {us['fbgemm-i8'] / us['q8']:>6.2f}",
                       flush=True)
 
 

@@ -1,6 +1,6 @@
-"""The C int4 kernel (`slmkit.compress.cpu_kernels`): the exact dequantized matmul within the derived bound of
-8-bit activation rounding, exactly the rounded-activation product (up to fp32 accumulation), both dispatch
-levels, the no-compiler fallback and concurrent first builds."""
+"""The C int4 and int8 kernels (`slmkit.compress.cpu_kernels`): the exact dequantized matmul within the derived
+bound of 8-bit activation rounding, exactly the rounded-activation product (up to fp32 accumulation), both
+dispatch levels, the no-compiler fallback and concurrent first builds."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slmkit.compress import cpu_kernels as ck
-from slmkit.compress.qlinear import Int4Linear
+from slmkit.compress.qlinear import Int4Linear, Int8Linear
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not ck.available(), reason="no C compiler here: the fallback tests below cover it")
@@ -61,6 +61,19 @@ def test_within_bound_of_exact_dequantized_matmul(in_f, out_f, group, rows):
     # the kernel computes the dequantized product with the rounded activations, to fp32 accuracy
     emulated = rounded(x) @ w.double().T + m.bias.double()
     assert ((y.double() - emulated).abs() <= slack).all()
+
+
+@pytest.mark.parametrize("in_f,out_f,rows", [(576, 960, 1), (576, 3072, 3), (1536, 577, 16), (96, 37, 2), (32, 3, 5)])
+def test_int8_within_bound_of_exact_dequantized_matmul(in_f, out_f, rows):
+    torch.manual_seed(1)
+    m = Int8Linear.from_linear(nn.Linear(in_f, out_f))
+    x = torch.randn(rows, in_f) * torch.rand(1, in_f) * 3
+    w = m.dequantize(torch.float32)
+    y = ck.q8_gemv(x, ck.prepare_q8(m.weight_int8, m.scales), m.bias)
+    slack = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
+    exact = x.double() @ w.double().T + m.bias.double()
+    assert ((y.double() - exact).abs() <= ck.q4_error_bound(x, w) + slack).all()
+    assert ((y.double() - (rounded(x) @ w.double().T + m.bias.double())).abs() <= slack).all()
 
 
 def test_bound_is_the_activation_rounding():
@@ -110,6 +123,8 @@ def test_bad_shapes_are_refused():
         ck.prepare_q4(m.weight_int4, m.scales, m.zeros, 48)
     with pytest.raises(ValueError, match="must both be"):
         ck.prepare_q4(m.weight_int4, m.scales[:, :1], m.zeros, 32)
+    with pytest.raises(ValueError, match="in_features=48 must be a multiple of 32"):
+        ck.prepare_q8(torch.zeros(4, 48, dtype=torch.int8), torch.ones(4))
     with pytest.raises(ValueError, match=r"must be \(rows, 96\)"):
         ck.q4_gemv(torch.randn(2, 64), prepared(m))
     assert ck.q4_supported(576, 64) and not ck.q4_supported(576, 128) and not ck.q4_supported(64, 16)
@@ -121,14 +136,16 @@ _CHILD = textwrap.dedent("""
     from torch import nn
     warnings.simplefilter("always")
     from slmkit.compress import cpu_kernels as ck
-    from slmkit.compress.qlinear import Int4Linear
+    from slmkit.compress.qlinear import Int4Linear, Int8Linear
     torch.manual_seed(0)
     m = Int4Linear.from_linear(nn.Linear(192, 37), 64)
+    m8 = Int8Linear.from_linear(nn.Linear(192, 37))
     x = torch.randn(5, 192)
     with warnings.catch_warnings(record=True) as caught:
         ok = ck.available()
     y = ck.q4_gemv(x, ck.prepare_q4(m.weight_int4, m.scales, m.zeros, 64)).tolist() if ok else None
-    print(json.dumps({"available": ok, "level": ck.kernel_level(), "y": y,
+    y8 = ck.q8_gemv(x, ck.prepare_q8(m8.weight_int8, m8.scales)).tolist() if ok else None
+    print(json.dumps({"available": ok, "level": ck.kernel_level(), "y": y, "y8": y8,
                       "warnings": [str(w.message) for w in caught]}))
 """)
 
@@ -152,17 +169,21 @@ def test_both_dispatch_levels_and_concurrent_first_builds(tmp_path):
     results = [_result(p) for p in procs]
     torch.manual_seed(0)
     m = Int4Linear.from_linear(nn.Linear(192, 37), 64)
+    m8 = Int8Linear.from_linear(nn.Linear(192, 37))
     x = torch.randn(5, 192)
     mine = ck.q4_gemv(x, prepared(m))
+    mine8 = ck.q8_gemv(x, ck.prepare_q8(m8.weight_int8, m8.scales))
     slack = 1e-5 * (x.abs() @ m.dequantize(torch.float32).abs().T) + 1e-6
+    slack8 = 1e-5 * (x.abs() @ m8.dequantize(torch.float32).abs().T) + 1e-6
     for r in results:
         assert r["available"] and not r["warnings"], r
         assert ((torch.tensor(r["y"]) - mine).abs() <= slack).all()
+        assert ((torch.tensor(r["y8"]) - mine8).abs() <= slack8).all()
     assert results[1]["level"] == "scalar"
     if torch.backends.cpu.get_cpu_capability() != "DEFAULT" and results[0]["level"] != "scalar":
         assert results[0]["level"] == ck.kernel_level() == "avx2"
     built = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    assert built == ["q4gemv.so"]  # one library, no temporary files left behind
+    assert built == ["qgemv.so"]  # one library, no temporary files left behind
 
 
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):

@@ -3,17 +3,18 @@
 torch's int4 weight-only kernel (`aten._weight_int4pack_mm_for_cpu`) is slower than an fp32 matmul at small-model
 shapes on AVX2 CPUs. `q4_gemv` follows llama.cpp's Q4 x Q8 design instead: every activation row is rounded per
 block of 32 columns to int8 with one fp32 scale, and each (output row, block) is an integer dot product of the
-4-bit codes with those int8 values (AVX2 `maddubs`/`madd`), scaled once per block. See q4gemv.c for the
-arithmetic and the weight layout.
+4-bit codes with those int8 values (AVX2 `maddubs`/`madd`), scaled once per block. See qgemv.c for the
+arithmetic and the weight layout. `q8_gemv` does the same for int8 weights with one scale per output row
+(`Int8Linear`), llama.cpp's Q8 x Q8 with the sign trick.
 
 Error bound. With d[m, b] = max_{j in b} |x[m, j]| / 127 the rounded activations differ from x by at most
 d[m, b] / 2 per element, and the kernel computes the dequantized product with them exactly up to fp32 rounding, so
 
     |y[m, n] - sum_j w[n, j] x[m, j]|  <=  sum_b d[m, b] / 2 * sum_{j in b} |w[n, j]|        (+ fp32 accumulation)
 
-where w = (q - z) s is the exact dequantized weight. `q4_error_bound` computes it.
+where w = (q - z) s (int8: w = q s) is the exact dequantized weight. `q4_error_bound` computes it (for either).
 
-Build. q4gemv.c is compiled with the system C compiler (`$CC`, else `cc`) with -O3 -fopenmp into
+Build. qgemv.c is compiled with the system C compiler (`$CC`, else `cc`) with -O3 -fopenmp into
 `$SLMKIT_CACHE_DIR/kernels/<hash>/` (default `~/.cache/slmkit`), the hash covering the source, the compiler's
 identity and the flags, so an edit or another compiler builds anew. The build writes a temporary file and renames
 it into place, so processes building at once never load a half-written library. No compiler, a failed build or a
@@ -40,10 +41,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "q4_supported", "prepare_q4", "Q4Weights", "q4_gemv", "q4_error_bound", "kernel_level",
-           "KernelBuildWarning"]
+__all__ = ["available", "q4_supported", "prepare_q4", "Q4Weights", "q4_gemv", "q8_supported", "prepare_q8",
+           "Q8Weights", "q8_gemv", "q4_error_bound", "kernel_level", "KernelBuildWarning"]
 
-SOURCE = Path(__file__).with_name("q4gemv.c")
+SOURCE = Path(__file__).with_name("qgemv.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
 OPENMP = ("-fopenmp",)
 BLOCK = 32  # activation quantization block (input columns)
@@ -100,6 +101,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.slm_q4_gemv.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, i]
     lib.slm_q4_gemv.restype = i
+    lib.slm_q8_gemv.argtypes = [p, p, p, p, p, i, i, i, i, i]
+    lib.slm_q8_gemv.restype = i
     lib.slm_cpu_has_avx2.argtypes = []
     lib.slm_cpu_has_avx2.restype = i
     return lib
@@ -116,7 +119,7 @@ def _load() -> ctypes.CDLL | None:
     errors = []
     for flags in (FLAGS + OPENMP, FLAGS):  # a compiler without OpenMP still gets the single-thread kernel
         key = hashlib.sha256(SOURCE.read_bytes() + ident.encode() + " ".join(cc + list(flags)).encode()).hexdigest()
-        target = cache_root() / "kernels" / key[:16] / "q4gemv.so"
+        target = cache_root() / "kernels" / key[:16] / "qgemv.so"
         if not target.exists():
             err = _compile(cc, flags, target)
             if err is not None:
@@ -165,7 +168,7 @@ def q4_supported(in_features: int, group_size: int) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Q4Weights:
-    """An int4 layer in the kernel's layout (see q4gemv.c), made by `prepare_q4`; it owns the tensors whose
+    """An int4 layer in the kernel's layout (see qgemv.c), made by `prepare_q4`; it owns the tensors whose
     addresses the kernel reads.
 
     codes:  (out, in/2) uint8; per output row, per block of 32 input columns, 16 bytes whose byte i holds
@@ -221,25 +224,92 @@ def q4_gemv(x2: torch.Tensor, w: Q4Weights, bias: torch.Tensor | None = None) ->
     rounded to int8 per block of 32 (see the module docstring for the error bound). Meant for a few rows
     (decode: 1-16); it is correct for any number. Raises RuntimeError when `available()` is False."""
     lib = _lib()
-    if lib is None:
-        raise RuntimeError("q4_gemv: the C kernels are not available (see the earlier KernelBuildWarning)")
-    if x2.dim() != 2 or x2.shape[1] != w.in_features:
-        raise ValueError(f"q4_gemv: input {tuple(x2.shape)} must be (rows, {w.in_features})")
-    if x2.dtype is not torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
+    x2, bias = _checked_input("q4_gemv", lib, x2, w.in_features, bias)
     rows = x2.shape[0]
     y = torch.empty(rows, w.out_features, dtype=torch.float32)
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
-    level = _state.get("level")
-    if level is None:
-        level = _state["level"] = kernel_level()
     rc = lib.slm_q4_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.szero.data_ptr(),
                          None if bias is None else bias.data_ptr(), y.data_ptr(), rows, w.in_features,
                          w.out_features, w.blocks_per_scale, w.group_size // BLOCK, w.padded_groups,
-                         torch.get_num_threads(), level == "avx2")
+                         torch.get_num_threads(), _use_avx2())
     if rc != 0:
         raise MemoryError(f"q4_gemv: no memory for the quantized activations of {rows} rows")
+    return y
+
+
+def _use_avx2() -> bool:
+    level = _state.get("level")
+    if level is None:
+        level = _state["level"] = kernel_level()
+    return level == "avx2"
+
+
+def _checked_input(name: str, lib, x2: torch.Tensor, in_features: int, bias: torch.Tensor | None):
+    if lib is None:
+        raise RuntimeError(f"{name}: the C kernels are not available (see the earlier KernelBuildWarning)")
+    if x2.dim() != 2 or x2.shape[1] != in_features:
+        raise ValueError(f"{name}: input {tuple(x2.shape)} must be (rows, {in_features})")
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    return x2, bias
+
+
+def q8_supported(in_features: int) -> bool:
+    """Whether `prepare_q8` accepts a layer of this width (whole blocks of 32 input columns)."""
+    return in_features > 0 and in_features % BLOCK == 0
+
+
+def _interleaved_columns(k: int) -> torch.Tensor:
+    """(k,) source column of each position of the kernel's activation order: block pairs as
+    (b[0:16], b+1[0:16], b[16:32], b+1[16:32]), an unpaired last block as it is (see qgemv.c)."""
+    nb = k // BLOCK
+    pairs = nb // 2
+    cols = torch.arange(pairs * 2 * BLOCK).view(pairs, 2, 2, BLOCK // 2)  # (pair, block in pair, half, 16)
+    order = [cols.transpose(1, 2).reshape(-1)]  # (pair, half, block in pair, 16)
+    if nb % 2:
+        order.append(torch.arange(pairs * 2 * BLOCK, k))
+    return torch.cat(order)
+
+
+@dataclass(frozen=True, eq=False)
+class Q8Weights:
+    """An int8 layer in the kernel's layout, made by `prepare_q8`.
+
+    codes:  (out, in) int8, each row's columns in the activations' interleaved block-pair order
+    scale:  (out,) fp32, one scale per output row (w = q * scale)"""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    out_features: int
+
+
+def prepare_q8(weight_int8: torch.Tensor, scales: torch.Tensor) -> Q8Weights:
+    """`Int8Linear`'s buffers (`weight_int8` (out, in) int8, `scales` (out,) float) -> the kernel's layout."""
+    n, k = weight_int8.shape
+    if not q8_supported(k):
+        raise ValueError(f"prepare_q8: in_features={k} must be a multiple of {BLOCK}")
+    if scales.numel() != n:
+        raise ValueError(f"prepare_q8: scales {tuple(scales.shape)} must hold one scale per output row ({n})")
+    with torch.no_grad():
+        codes = weight_int8.detach().cpu()[:, _interleaved_columns(k)].contiguous()
+        scale = scales.detach().cpu().float().reshape(n).contiguous()
+    return Q8Weights(codes, scale, k, n)
+
+
+def q8_gemv(x2: torch.Tensor, w: Q8Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, in) activations -> (rows, out) fp32: x2 @ (codes * scale).T (+ bias), activations rounded to int8
+    per block of 32 as in `q4_gemv` (the same error bound). Raises RuntimeError when `available()` is False."""
+    lib = _lib()
+    x2, bias = _checked_input("q8_gemv", lib, x2, w.in_features, bias)
+    rows = x2.shape[0]
+    y = torch.empty(rows, w.out_features, dtype=torch.float32)
+    rc = lib.slm_q8_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(),
+                         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, w.in_features,
+                         w.out_features, torch.get_num_threads(), _use_avx2())
+    if rc != 0:
+        raise MemoryError(f"q8_gemv: no memory for the quantized activations of {rows} rows")
     return y
 
 

@@ -1,5 +1,5 @@
-/* Integer GEMV for int4 weights against a few activation rows (decode-sized inputs), in the style of
- * llama.cpp's Q4 x Q8 dot products.
+/* Integer GEMV for int4 and int8 weights against a few activation rows (decode-sized inputs), in the style of
+ * llama.cpp's Q4 x Q8 and Q8 x Q8 dot products. (The int8 kernel, at the end, shares the activation side.)
  *
  * Each activation row is quantized per block of 32 columns to int8 with one fp32 scale (symmetric,
  * round to nearest, d = max|x| / 127). For output row n and block b the 4-bit codes q (unsigned) meet the
@@ -161,6 +161,42 @@ static void q4_rows_scalar(const uint8_t *w, const float *scale, const float *sz
             }
             for (int g = 0; g < gp; g++) acc -= szn[g] * r.Z[g];
             y[(size_t)m * n_out + n] = acc + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+/* ---- int8 weights (one scale per output row): the same activation blocks, weights stored in the same
+ * interleaved order as the activations, so position i of a row's weights meets position i of the activations.
+ * y[m, n] = s[n] * sum_b d[m, b] * sum_{j in b} w[n, j] * xq[m, j]. */
+
+/* The block of interleaved position i (see xq_index). */
+static inline int q8_block_of(size_t i, int nb) {
+    int pair = (int)(i / 64);
+    if (2 * pair + 1 >= nb) return (int)(i / QK);
+    return 2 * pair + (int)((i % 32) / 16);
+}
+
+static void q8_rows_scalar(const int8_t *w, const float *scale, const float *bias, char *acts, size_t row_bytes,
+                           float *y, int m_rows, int n_out, int nb, int n0, int n1) {
+    size_t k = (size_t)nb * QK;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *wn = w + (size_t)n * k;
+        for (int m = 0; m < m_rows; m++) {
+            act_row r = act_at(acts, row_bytes, m, nb);
+            float acc = 0.0f;
+            int32_t isum = 0;
+            int cur = q8_block_of(0, nb);
+            for (size_t i = 0; i < k; i++) {
+                int b = q8_block_of(i, nb);
+                if (b != cur) {
+                    acc += r.db[cur] * (float)isum;
+                    isum = 0;
+                    cur = b;
+                }
+                isum += (int32_t)wn[i] * r.xq[i];
+            }
+            acc += r.db[cur] * (float)isum;
+            y[(size_t)m * n_out + n] = scale[n] * acc + (bias ? bias[n] : 0.0f);
         }
     }
 }
@@ -356,6 +392,84 @@ AVX2 static void q4_rows_avx2(const uint8_t *w, const float *scale, const float 
         }
     }
 }
+
+/* int8 x int8 with AVX2: maddubs needs one unsigned operand, so |w| meets x with w's sign moved onto it
+ * (`sign`); |w| <= 128 and |x| <= 127 keep each i16 pair sum below 32767. */
+AVX2 static inline __attribute__((always_inline)) __m256i q8_dot32(__m256i w, __m256i x, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones);
+}
+
+AVX2 static inline __attribute__((always_inline)) void q8_tile_avx2(
+        const int8_t *w0, size_t wstride, act_row *r, float out[4][4], const int MT, const int NR, int nb) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4][4];
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) acc[t][u] = _mm256_setzero_ps();
+    int npairs = nb / 2;
+    for (int p = 0; p < npairs; p++) {
+        __m256 dx[4];
+        for (int t = 0; t < MT; t++) dx[t] = _mm256_load_ps(r[t].dx + (size_t)p * 8);
+        for (int u = 0; u < NR; u++) {
+            const int8_t *wp = w0 + u * wstride + (size_t)p * 64;
+            __m256i wl = _mm256_loadu_si256((const __m256i *)wp), wh = _mm256_loadu_si256((const __m256i *)(wp + 32));
+            for (int t = 0; t < MT; t++) {
+                const int8_t *xp = r[t].xq + (size_t)p * 64;
+                __m256i isum = _mm256_add_epi32(q8_dot32(wl, _mm256_load_si256((const __m256i *)xp), ones),
+                                                q8_dot32(wh, _mm256_load_si256((const __m256i *)(xp + 32)), ones));
+                acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dx[t], acc[t][u]);
+            }
+        }
+    }
+    if (nb & 1) {
+        int b = nb - 1;
+        for (int u = 0; u < NR; u++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + u * wstride + (size_t)b * QK));
+            for (int t = 0; t < MT; t++) {
+                __m256i isum = q8_dot32(wv, _mm256_load_si256((const __m256i *)(r[t].xq + (size_t)b * QK)), ones);
+                acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_load_ps(r[t].dx + (size_t)(b / 2) * 8), acc[t][u]);
+            }
+        }
+    }
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) out[t][u] = hsum8(acc[t][u]);
+}
+
+#define TILE8(MT_, NR_) q8_tile_avx2(w + (size_t)n * wstride, wstride, r, out, MT_, NR_, nb)
+
+AVX2 static void q8_rows_avx2(const int8_t *w, const float *scale, const float *bias, char *acts, size_t row_bytes,
+                              float *y, int m_rows, int n_out, int nb, int n0, int n1) {
+    size_t wstride = (size_t)nb * QK;
+    for (int m0 = 0; m0 < m_rows; m0 += 4) {
+        int mt = m_rows - m0 < 4 ? m_rows - m0 : 4;
+        int nr = 4 / mt;
+        act_row r[4];
+        for (int t = 0; t < mt; t++) r[t] = act_at(acts, row_bytes, m0 + t, nb);
+        for (int n = n0; n < n1;) {
+            float out[4][4] = {{0}};
+            int u_n = n + nr <= n1 ? nr : 1;
+            if (u_n == 1) {
+                switch (mt) {
+                    case 1: TILE8(1, 1); break;
+                    case 2: TILE8(2, 1); break;
+                    case 3: TILE8(3, 1); break;
+                    default: TILE8(4, 1); break;
+                }
+            } else {
+                switch (mt) {
+                    case 1: TILE8(1, 4); break;
+                    case 2: TILE8(2, 2); break;
+                    case 3: TILE8(3, 1); break;
+                    default: TILE8(4, 1); break;
+                }
+            }
+            for (int u = 0; u < u_n; u++) {
+                float bn = bias ? bias[n + u] : 0.0f;
+                for (int t = 0; t < mt; t++) y[(size_t)(m0 + t) * n_out + n + u] = scale[n + u] * out[t][u] + bn;
+            }
+            n += u_n;
+        }
+    }
+}
 #endif /* SLM_X86 */
 
 /* 1 when the AVX2 + FMA kernels can run on this CPU, else 0. */
@@ -368,24 +482,14 @@ int slm_cpu_has_avx2(void) {
 #endif
 }
 
-/* y (m_rows, n_out) = x (m_rows, k) @ W^T (+ bias). Returns 0, or -1 when the workspace cannot be allocated.
- *   w:     (n_out, k / 32, 16) uint8, the layout described at the top
- *   scale: (n_out, k / 32 / bps) fp32
- *   sz:    (n_out, gp) fp32, scale * zero per group, zero-padded to gp (a multiple of 8)
- *   bpg:   blocks per zero-point group;  use_avx2: 0 forces the scalar code */
-int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const float *sz, const float *bias, float *y,
-                int m_rows, int k, int n_out, int bps, int bpg, int gp, int nthreads, int use_avx2) {
+/* Quantize the activation rows into the per-thread workspace; NULL when it cannot be allocated. */
+static char *quantize_acts(const float *x, int m_rows, int k, int bpg, int gp, int use_avx2, size_t *row_bytes) {
     int nb = k / QK;
-    size_t row_bytes = act_row_bytes(nb, gp);
-    char *acts = (char *)workspace(row_bytes * (size_t)m_rows);
-    if (!acts) return -1;
-#ifdef SLM_X86
-    use_avx2 = use_avx2 && slm_cpu_has_avx2();
-#else
-    use_avx2 = 0;
-#endif
+    *row_bytes = act_row_bytes(nb, gp);
+    char *acts = (char *)workspace(*row_bytes * (size_t)m_rows);
+    if (!acts) return NULL;
     for (int m = 0; m < m_rows; m++) {
-        act_row r = act_at(acts, row_bytes, m, nb);
+        act_row r = act_at(acts, *row_bytes, m, nb);
 #ifdef SLM_X86
         if (use_avx2) {
             quantize_row_avx2(x + (size_t)m * k, r, nb, bpg, gp);
@@ -394,13 +498,44 @@ int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const floa
 #endif
         quantize_row_scalar(x + (size_t)m * k, r, k, nb, bpg, gp);
     }
-    /* a few chunks of output rows per thread, taken dynamically: a thread slowed by other load takes fewer */
+    return acts;
+}
+
+/* Threads and chunks of output rows: a few chunks per thread, taken dynamically, so a thread slowed by other
+ * load takes fewer; one thread when the layer is too small to pay for a parallel region. */
+static int split_rows(int n_out, int k, int nthreads, int *nt_out) {
     int nt = nthreads < 1 ? 1 : nthreads;
-    if (nt > 1 && (long)n_out * k < 64 * 1024) nt = 1;  /* too small to pay for a parallel region */
+    if (nt > 1 && (long)n_out * k < 64 * 1024) nt = 1;
     int nchunks = nt == 1 ? 1 : 4 * nt;
     int chunk = (n_out + nchunks - 1) / nchunks;
-    chunk = (chunk + 7) & ~7;
-    nchunks = (n_out + chunk - 1) / chunk;
+    *nt_out = nt;
+    return (chunk + 7) & ~7;
+}
+
+static int resolve_avx2(int use_avx2) {
+#ifdef SLM_X86
+    return use_avx2 && slm_cpu_has_avx2();
+#else
+    (void)use_avx2;
+    return 0;
+#endif
+}
+
+/* y (m_rows, n_out) = x (m_rows, k) @ W^T (+ bias), int4 W. Returns 0, or -1 when the workspace cannot be
+ * allocated.
+ *   w:     (n_out, k / 32, 16) uint8, the layout described at the top
+ *   scale: (n_out, k / 32 / bps) fp32
+ *   sz:    (n_out, gp) fp32, scale * zero per group, zero-padded to gp (a multiple of 8)
+ *   bpg:   blocks per zero-point group;  use_avx2: 0 forces the scalar code */
+int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const float *sz, const float *bias, float *y,
+                int m_rows, int k, int n_out, int bps, int bpg, int gp, int nthreads, int use_avx2) {
+    int nb = k / QK, nt;
+    size_t row_bytes;
+    use_avx2 = resolve_avx2(use_avx2);
+    char *acts = quantize_acts(x, m_rows, k, bpg, gp, use_avx2, &row_bytes);
+    if (!acts) return -1;
+    int chunk = split_rows(n_out, k, nthreads, &nt);
+    int nchunks = (n_out + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
     for (int c = 0; c < nchunks; c++) {
         int n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
@@ -411,6 +546,30 @@ int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const floa
         }
 #endif
         q4_rows_scalar(w, scale, sz, bias, acts, row_bytes, y, m_rows, n_out, nb, bps, gp, bpg, n0, n1);
+    }
+    return 0;
+}
+
+/* The same for int8 W: w (n_out, k) int8 in the interleaved block-pair order, scale (n_out,) fp32. */
+int slm_q8_gemv(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                int m_rows, int k, int n_out, int nthreads, int use_avx2) {
+    int nb = k / QK, nt;
+    size_t row_bytes;
+    use_avx2 = resolve_avx2(use_avx2);
+    char *acts = quantize_acts(x, m_rows, k, nb, 0, use_avx2, &row_bytes);
+    if (!acts) return -1;
+    int chunk = split_rows(n_out, k, nthreads, &nt);
+    int nchunks = (n_out + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+    for (int c = 0; c < nchunks; c++) {
+        int n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
+#ifdef SLM_X86
+        if (use_avx2) {
+            q8_rows_avx2(w, scale, bias, acts, row_bytes, y, m_rows, n_out, nb, n0, n1);
+            continue;
+        }
+#endif
+        q8_rows_scalar(w, scale, bias, acts, row_bytes, y, m_rows, n_out, nb, n0, n1);
     }
     return 0;
 }
