@@ -1,12 +1,14 @@
-"""GGUF export: file size, quality after llama.cpp's quantization, and (with llama-cpp-python) llama.cpp's decode
-speed, for f32 / f16 / q8_0 / q4_0 against the slmkit checkpoint in the same run.
+"""GGUF export: file size, quality after llama.cpp's quantization, measured both in slmkit and in llama.cpp itself,
+and llama.cpp's decode speed, for f32 / f16 / q8_0 / q4_0 against the slmkit checkpoint in the same run.
 
 For each type the checkpoint is exported with `export_gguf`, read back with gguf's reader, dequantized and
 loaded into a copy of the slmkit model (Q/K rows un-permuted), then scored on the held-out split:
 bits per byte and top-1 agreement with the original's next-token argmax. Without `--ckpt` a `--preset` model is
 built with random weights on a default-domain dataset (quality columns then only measure quantization noise).
-With `llama_cpp` importable, each file is also decoded greedily by llama.cpp at batch 1 next to slmkit's own
-decode of the checkpoint (same threads, median of `--repeats`).
+When llama.cpp runs here (`slmkit.llamacpp`: node-llama-cpp's prebuilt libllama), each file is also scored by
+llama.cpp on the same windows (`llama.cpp bits/byte`: the same definition, F32 KV cache; the f32 row must equal
+slmkit's) and decoded greedily at batch 1 with llama.cpp's defaults (F16 KV cache), timed inside its process,
+next to slmkit's own decode of the checkpoint (same threads, median of `--repeats`).
 
     python benchmarks/gguf_roundtrip.py --ckpt runs/quickstart/model --data runs/quickstart/data
     python benchmarks/gguf_roundtrip.py --preset small --threads 1
@@ -30,6 +32,8 @@ from slmkit.data import build_dataset, open_dataset, token_byte_lengths
 from slmkit.evaluate.lm import evaluate_lm
 from slmkit.export import export_gguf
 from slmkit.export.gguf import unpermute_qk
+from slmkit.llamacpp import LlamaCpp, LlamaCppProcess, unavailable
+from slmkit.llamacpp import evaluate_lm as llama_cpp_evaluate_lm
 from slmkit.model import CausalLM, resolve_model_config
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -78,15 +82,11 @@ def slmkit_decode_seconds(model: CausalLM, prompt: list[int], steps: int) -> flo
     return time.perf_counter() - t0
 
 
-def llama_cpp_decode_seconds(llm, prompt: list[int], steps: int) -> float:
+def llama_cpp_decode_seconds(path: Path, process: LlamaCppProcess, threads: int, prompt: list[int],
+                             steps: int) -> float:
     """Like `slmkit_decode_seconds`: the prompt and the first token are not timed, then `steps` greedy tokens."""
-    llm.reset()
-    tokens = llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True)
-    next(tokens)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        next(tokens)
-    return time.perf_counter() - t0
+    llm = LlamaCpp(path, threads=threads, kv_type="f16", flash_attention="auto", process=process)
+    return steps / llm.timed_decode(prompt, steps + 1).decode_tokens_per_s
 
 
 def default_checkpoint(work: Path, preset: str) -> tuple[Path, Path]:
@@ -107,12 +107,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        import llama_cpp
-    except ImportError:
-        llama_cpp = None
+    no_llama_cpp = unavailable()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, LlamaCppProcess() as process:
         work = Path(tmp)
         ckpt, data = (args.ckpt, args.data) if args.ckpt else default_checkpoint(work, args.preset)
         base = load_checkpoint(ckpt).model
@@ -122,8 +119,9 @@ def main() -> None:
         with torch.inference_mode():
             base_top1 = base(window[:, :-1]).argmax(-1)
         safetensors_bytes = (Path(ckpt) / "model.safetensors").stat().st_size
-        rows = [("slmkit safetensors", safetensors_bytes, evaluate_lm(base, val, lengths, seq_len=256,
-                                                                      max_tokens=args.eval_tokens), 1.0, None)]
+        scoring = dict(seq_len=256, max_tokens=args.eval_tokens)
+        rows = [("slmkit safetensors", safetensors_bytes, evaluate_lm(base, val, lengths, **scoring), 1.0, None,
+                 None)]
         prompt = window[0, :32].tolist()
         ours = statistics.median(slmkit_decode_seconds(base, prompt, 128) for _ in range(args.repeats))
         for t in TYPES:
@@ -133,22 +131,26 @@ def main() -> None:
             model.tie_weights()
             with torch.inference_mode():
                 agree = (model(window[:, :-1]).argmax(-1) == base_top1).float().mean().item()
-            speed = None
-            if llama_cpp is not None:
-                llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=256, n_threads=args.threads, verbose=False)
-                speed = statistics.median(llama_cpp_decode_seconds(llm, prompt, 128) for _ in range(args.repeats))
-            rows.append((f"gguf {t}", result.bytes,
-                         evaluate_lm(model, val, lengths, seq_len=256, max_tokens=args.eval_tokens), agree, speed))
+            theirs = speed = None
+            if no_llama_cpp is None:
+                llm = LlamaCpp(result.path, threads=args.threads, process=process)
+                theirs = llama_cpp_evaluate_lm(llm, val, lengths, **scoring)["bits_per_byte"]
+                speed = statistics.median(llama_cpp_decode_seconds(result.path, process, args.threads, prompt, 128)
+                                          for _ in range(args.repeats))
+            rows.append((f"gguf {t}", result.path.stat().st_size, evaluate_lm(model, val, lengths, **scoring), agree,
+                         theirs, speed))
 
     print(f"checkpoint {ckpt}, {base.num_parameters():,} parameters, {args.threads} threads")
-    print(f"{'file':<20}{'bytes':>14}{'vs safetensors':>16}{'bits/byte':>11}{'top-1 agree':>13}"
+    print(f"{'file':<20}{'bytes':>14}{'vs safetensors':>16}{'bits/byte':>11}{'llama.cpp b/B':>15}{'top-1 agree':>13}"
           f"{'llama.cpp tok/s':>17}")
-    for name, size, metrics, agree, seconds in rows:
-        speed = f"{128 / seconds:,.1f}" if seconds else ("-" if name.startswith("slmkit") else "n/a")
-        print(f"{name:<20}{size:>14,}{size / safetensors_bytes:>15.3f}x{metrics['bits_per_byte']:>11.4f}"
+    for name, size, metrics, agree, theirs, seconds in rows:
+        missing = "-" if name.startswith("slmkit") else "n/a"
+        speed = f"{128 / seconds:,.1f}" if seconds else missing
+        scored = f"{theirs:.4f}" if theirs is not None else missing
+        print(f"{name:<20}{size:>14,}{size / safetensors_bytes:>15.3f}x{metrics['bits_per_byte']:>11.4f}{scored:>15}"
               f"{agree:>13.4f}{speed:>17}")
     print(f"slmkit decode (same model, fp32, batch 1): {128 / ours:,.1f} tok/s"
-          + ("" if llama_cpp else "; llama.cpp speed needs `pip install llama-cpp-python`"))
+          + (f"; llama.cpp columns need it installed: {no_llama_cpp}" if no_llama_cpp else ""))
 
 
 if __name__ == "__main__":
