@@ -2,11 +2,22 @@
 Transformers"): the `quant.gptq` pass and the column-by-column quantizer behind it. The formats, modules and
 config are those of `quantize.py`; only how the integer codes are chosen differs, and a layer whose width
 `group_size` does not divide falls back per layer exactly as in `quant.int4` (`quantize.layer_fallbacks`).
+
+Speed (SmolLM2's layer shapes, 4 bits, group 64, on a shared 2-core machine: ~20 s per decoder layer before,
+~7 s on 2 threads and ~2.3 s on 1 thread now; `benchmarks/gptq_speed.py`), with the same codes:
+- the column loop works on a transposed copy of each block, so a column is a contiguous row, in a handful of
+  in-place operations, on one thread (`_one_thread`): thousands of operations on a few thousand values each gain
+  nothing from a second thread and lose a lot when it has to wait for a busy core; the Hessian factorisation runs
+  on one thread too (multi-threaded LAPACK also made the factor's last bits depend on the thread count);
+- a stage's calibration forward stops once every module of the stage has its input (q/k/v need only the
+  normalised input), and quantized modules are stood in for by float Linears holding their dequantized weight
+  until the pass ends, so later forwards do not dequantize them again.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,12 +35,13 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     mean_diag = float(H.diagonal().mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(4):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        with _one_thread():  # multi-threaded LAPACK here ran 2.2 s per 576x576 call on a busy 2-core machine, 0.03 s on one
+            L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
             if int(info) == 0:
-                return U, damp
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info) == 0:
+                    return U, damp
         damp = min(damp * 10, 1.0)
     raise PassError("quant.gptq: the calibration Hessian is not positive definite even with damp="
                     f"{damp}; use more calibration samples or a larger damp")
@@ -101,38 +113,60 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group
 
     U, damp_used = _inverse_hessian_factor(H, damp)
     del H
-    codes = torch.empty(rows, cols, dtype=torch.int16, device=W.device)  # in processing order
+    groups = group_of.tolist()
+    if grouped and act_order:  # static groups: each column reads its group's row of these
+        s_rows, z_rows = scales.t().contiguous(), zeros.t().float().contiguous()  # (groups, rows)
+    codes = torch.empty(cols, rows, dtype=torch.int16, device=W.device)  # row c: codes of processed column c
     loss = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, B): the block, updated column by column
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            w = W1[:, i]
-            gi = int(group_of[col])
-            if grouped and not act_order and col % g == 0:  # fit the group when its first column is reached
-                s_g, z_g = int4_params(W1[:, i:i + g], g, sdtype, format)
-                scales[:, gi], zeros[:, gi] = s_g[:, 0], z_g[:, 0]
-            if grouped:
-                s, z = scales[:, gi], zeros[:, gi].float()
-                q = torch.clamp(torch.round(w / s) + z, 0, INT4_QMAX)
-                w_hat = (q - z) * s
-            else:
-                q = torch.clamp(torch.round(w / scales), -INT8_QMAX, INT8_QMAX)
-                w_hat = q * scales
-            codes[:, col] = q.to(torch.int16)
-            d = U1[i, i]
-            loss += (w - w_hat) ** 2 / d ** 2 / 2
-            err = (w - w_hat) / d  # (rows,)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of every later column
+        # (B, rows) each, one row per column of the block: its codes, its w − ŵ, its error scaled by 1/U_qq
+        Q1, R1, E1 = (torch.empty(i2 - i1, rows, device=W.device) for _ in range(3))
+        with _one_thread():
+            W1 = W[:, i1:i2].t().contiguous()  # (B, rows): column i of the block is the contiguous row W1[i]
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                w, q, r = W1[i], Q1[i], R1[i]
+                if grouped:
+                    if act_order:
+                        s, z = s_rows[groups[col]], z_rows[groups[col]]
+                    elif col % g == 0:  # fit the group when its first column is reached
+                        s_g, z_g = int4_params(W1[i:i + g].t(), g, sdtype, format)  # (rows, 1) each
+                        s, z = s_g[:, 0].float(), z_g[:, 0].float()
+                        scales[:, groups[col]], zeros[:, groups[col]] = s, z_g[:, 0]
+                    torch.div(w, s, out=q).round_().add_(z).clamp_(0, INT4_QMAX)
+                    torch.sub(q, z, out=r).mul_(s)  # ŵ
+                else:
+                    torch.div(w, scales, out=q).round_().clamp_(-INT8_QMAX, INT8_QMAX)
+                    torch.mul(q, scales, out=r)  # ŵ
+                torch.sub(w, r, out=r)  # w − ŵ
+                torch.div(r, U1[i, i], out=E1[i])  # (rows,)
+                W1[i:] -= U1[i, i:, None] * E1[i]  # (B − i, rows): the rank-1 update of the block's later columns
+        codes[i1:i2] = Q1
+        loss += (R1.pow_(2) / U1.diagonal()[:, None].pow(2) / 2).sum(0)  # Σ (w − ŵ)² / U_qq² / 2
+        W[:, i2:] -= E1.t().contiguous() @ U[i1:i2, i2:]  # lazy batch update of every later column
 
-    codes = codes[:, torch.argsort(perm)]  # back to the original column order
-    codes = codes.to(torch.uint8 if grouped else torch.int8)
+    codes = codes[torch.argsort(perm)].t()  # back to the original column order: (rows, cols)
+    codes = codes.to(torch.uint8 if grouped else torch.int8).contiguous()
     return QuantizedWeight(codes, scales, zeros, float(loss.sum()), damp_used)
+
+
+@contextmanager
+def _one_thread():
+    """Run the per-column work on one thread. Its operations touch a few thousand values each, thousands of times
+    per matrix: split over threads they cost more in wake-ups than they save, and on a 2-core machine shared with
+    other work a waiting thread stalls every one of them (measured: 1536x576 at 4 bits, 0.5 s on one thread,
+    4-8 s on two). The block's matrix product after the loop still uses every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _HessianAccumulator:
@@ -145,15 +179,21 @@ class _HessianAccumulator:
         self.rows: dict[str, int] = {}
         self._batch: list[tuple[torch.Tensor, list[str]]] = []
 
-    def hook(self, name: str):
+    def hook(self, name: str, *, stop_when_complete: bool = False):
+        """A forward pre-hook recording `name`'s input; with `stop_when_complete`, once every module of the
+        accumulator has its input for this batch it raises `_StopForward`: the rest of the forward is not needed."""
         def fn(module, args):
-            x = args[0]
-            for seen, names in self._batch:
-                if seen is x:  # identity, not equality: the same activation object
-                    names.append(name)
-                    return
-            self._batch.append((x, [name]))
+            self._record(name, args[0])
+            if stop_when_complete and sum(len(names) for _, names in self._batch) == len(self.modules):
+                raise _StopForward
         return fn
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        for seen, names in self._batch:
+            if seen is x:  # identity, not equality: the same activation object
+                names.append(name)
+                return
+        self._batch.append((x, [name]))
 
     def flush(self) -> None:
         for x, names in self._batch:
@@ -231,13 +271,33 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
     before = {n: _module_bytes(m) for n, m in targets.items()}
     layers_report: dict[str, dict] = {}
 
+    packed: dict[str, nn.Module] = {}
+
     def quantize(name: str, H: torch.Tensor, X_rows: int) -> None:
+        """GPTQ for one module. Until the pass ends, the model holds a float Linear with the dequantized weight
+        in its place: later calibration forwards then compute exactly what the quantized module's dense path
+        computes (its path for more than KERNEL_MAX_ROWS rows), without dequantizing it again on every call. MoE
+        experts routed at most that many rows used to take the decode kernels here, bf16 and chosen by timing;
+        they now get the exact product too. An int8 `dynamic` module stays itself: it quantizes activations at
+        every size, and later stages calibrate on what it outputs."""
         linear = targets[name]
         fmt = layer_format(cfg, fallbacks.get(name))  # a fallback group divides group_size, so block_size too
         qw = gptq_quantize(linear.weight, H, bits=fmt[0], group_size=fmt[1], act_order=cfg.act_order,
                            damp=cfg.damp, block_size=cfg.block_size, format=cfg.int4_format)
         scales = qw.scales.to(linear.weight.dtype)
-        set_module(model, name, _quantized_module(linear, fmt, qw.codes, scales, qw.zeros, cfg.pass_name))
+        packed[name] = _quantized_module(linear, fmt, qw.codes, scales, qw.zeros, cfg.pass_name)
+        if getattr(packed[name], "kernel", None) == "dynamic":  # W8A8 at every size: later stages see its outputs
+            set_module(model, name, packed[name])
+            layers_report[name] = {"loss": qw.loss, "damp": qw.damp, "calibration_rows": X_rows}
+            return
+        stand_in = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                             device=linear.weight.device, dtype=linear.weight.dtype)
+        # the module's own dequantization, without unpacking the codes it was just given (same arithmetic in fp32)
+        dense = qw.dequantize() if linear.weight.dtype == torch.float32 else packed[name].dequantize()
+        stand_in.weight.data = dense.to(linear.weight.device)
+        if linear.bias is not None:
+            stand_in.bias.data = linear.bias.detach()
+        set_module(model, name, stand_in.requires_grad_(False))
         layers_report[name] = {"loss": qw.loss, "damp": qw.damp, "calibration_rows": X_rows}
 
     try:
@@ -254,10 +314,14 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
                 here = {n: m for n, m in targets.items() if owner.get(id(m)) == i}
                 for stage in _stages(here):
                     acc = _HessianAccumulator({n: here[n] for n in stage})
-                    handles = [here[n].register_forward_pre_hook(acc.hook(n)) for n in stage]
+                    handles = [here[n].register_forward_pre_hook(acc.hook(n, stop_when_complete=True))
+                               for n in stage]
                     try:
                         for args, kwargs in inputs:
-                            layer(*args, **kwargs)
+                            try:
+                                layer(*args, **kwargs)  # stops once the stage's inputs are all seen
+                            except _StopForward:
+                                pass
                             acc.flush()
                     finally:
                         for h in handles:
@@ -280,6 +344,8 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: Calibration | None = No
             collect_inputs(model, rest, calib, observe)
             for n in rest:
                 quantize(n, acc.hessian(n), acc.rows.get(n, 0))
+    for name, module in packed.items():
+        set_module(model, name, module)
     order = "descending Hessian diagonal (act_order)" if cfg.act_order else "natural"
     return model, _report(cfg, "gptq", before, model, skipped, act_order=cfg.act_order, damp=cfg.damp,
                           block_size=cfg.block_size, column_order=order, layers=layers_report,
