@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slmkit.checkpoint import load_checkpoint, save_checkpoint
-from slmkit.compress import qlinear
+from slmkit.compress import cpu_kernels, qlinear
 from slmkit.compress.base import PassError, get_pass, make_config
 from slmkit.compress.qlinear import Int8Linear, QuantizedEmbedding, dynamic_kernel_available
 from slmkit.compress.quantize import DEFAULT_INT8_KERNEL
@@ -36,6 +36,7 @@ def random_int8(in_f=256, out_f=96, bias=False, kernel="dynamic", seed=0) -> Int
         nn.init.normal_(lin.bias)
     q = Int8Linear.from_linear(lin, kernel)
     q.kernel_choice = "packed"  # these tests are about the kernels, not the measured choice (test_kernel_choice.py)
+    q.use_cpu_kernels = False  # fbgemm's dynamic kernel; slmkit's C kernel has its own tests below
     return q
 
 
@@ -216,7 +217,40 @@ def test_safetensors_of_a_used_module(tmp_path):
         y = q(x)
     save_file(q.state_dict(), str(tmp_path / "q.safetensors"))
     fresh = Int8Linear(256, 96, bias=True, kernel="dynamic")
-    fresh.kernel_choice = "packed"
+    fresh.kernel_choice, fresh.use_cpu_kernels = "packed", False
     fresh.load_state_dict(load_file(str(tmp_path / "q.safetensors")))
     with torch.no_grad():
         assert torch.equal(fresh(x), y)
+
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="slmkit's C kernels did not build here")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("rows", [1, 6, 16])
+def test_dynamic_runs_the_c_kernel_within_its_block_bound(rows):
+    """With slmkit's C kernel, up to KERNEL_MAX_ROWS rows are rounded per block of 32 (cpu_kernels' bound)."""
+    q = random_int8(bias=True)
+    q.use_cpu_kernels = True
+    x = torch.randn(rows, 256)
+    x[:, 7] *= 50  # an outlier channel coarsens only its own block
+    ref = F.linear(x, q.dequantize(), q.bias)
+    with torch.no_grad():
+        y = q(x)
+    assert q._q8_cache is not None and q._kernel_cache is None  # the C kernel ran, fbgemm did not
+    err = (y - ref).abs()
+    assert bool((err <= 1.01 * cpu_kernels.q4_error_bound(x, q.dequantize()) + 1e-4).all())
+    assert err.max() > 0
+    q.use_cpu_kernels = False  # fbgemm's one step per row: the outlier coarsens the whole row
+    with torch.no_grad():
+        per_row = q(x)
+    assert (per_row - ref).norm() > 2 * (y - ref).norm()  # measured 2.5-3x here
+
+
+@needs_cpu_kernels
+def test_dynamic_takes_the_exact_weights_for_many_rows():
+    q = random_int8()
+    q.use_cpu_kernels = True
+    x = torch.randn(qlinear.KERNEL_MAX_ROWS + 1, 256)
+    with torch.no_grad():
+        assert torch.equal(q(x), F.linear(x, q.dequantize()))

@@ -44,7 +44,8 @@ def test_forced_packed_never_builds_a_dense_copy(kind):
     q.kernel_choice = "packed"
     with torch.no_grad():
         q(torch.randn(1, 128))
-    assert q._dense_cache is None and q._kernel_cache is not None
+    assert q._dense_cache is None  # the packed kernel ran: torch's, fbgemm's or slmkit's C kernel
+    assert q._kernel_cache is not None or getattr(q, "_q8_cache", None) is not None
 
 
 @pytest.mark.parametrize("kind", list(MAKERS))
