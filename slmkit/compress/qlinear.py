@@ -287,6 +287,7 @@ class _QuantizedLinear(nn.Module):
         self._kernel_cache: tuple | None = None  # (dtype, ((buffer, tensor, version), ...), derived), never saved
         self._dense_cache: tuple | None = None  # the same for the dequantized weight of the `dense` path
         self._choices: dict = {}  # (input dtype, one row?) -> "packed" | "dense", measured by `auto`
+        self._decode: tuple | None = None  # the one-row C-kernel call, bound once (see `_planned`)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -360,7 +361,43 @@ class _QuantizedLinear(nn.Module):
                 self._dense_cache = None  # keep no copy that is not used
         return found
 
+    def _settings(self) -> tuple:
+        return self.kernel_choice, self.kernel_dtype, self.use_cpu_kernels
+
+    def _plan_decode(self, cache: tuple | None) -> None:
+        """After a one-row C-kernel call: bind the next ones (`cpu_kernels.row_caller`), valid while the source
+        buffers are the same tensors at the same versions (`cache`'s record) and the settings are unchanged."""
+        bias = self._parameters["bias"]
+        if cache is None or (bias is not None and bias.dtype is not torch.float32):
+            return
+        weights = cache[2][0] if isinstance(cache[2], tuple) else cache[2]
+        self._decode = (cache[1], self._settings(), cpu_kernels.row_caller(weights), weights)
+
+    def _planned(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The decode step's fast path: one contiguous fp32 row straight into the bound C call, or None (then
+        the full dispatch runs, and decides again)."""
+        plan = self._decode
+        if (x.dtype is not torch.float32 or x.numel() != self.in_features or not x.is_contiguous()
+                or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        buffers = self._buffers
+        for name, t, version in plan[0]:
+            now = buffers[name]
+            if now is not t or (version >= 0 and now._version != version):
+                self._decode = None
+                return None
+        if plan[1] != self._settings():
+            self._decode = None
+            return None
+        y = torch.empty(x.shape[:-1] + (self.out_features,))
+        if plan[2](x.data_ptr(), y.data_ptr()) != 0:
+            raise MemoryError(f"{type(self).__name__}: no memory for one row's quantized activations")
+        bias = self._parameters["bias"]
+        return y if bias is None else y.add_(bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._decode is not None and (y := self._planned(x)) is not None:
+            return y
         bias = self._parameters["bias"]
         if (x.is_cpu and self._kernel_ok and x.numel() <= KERNEL_MAX_ROWS * self.in_features
                 and x.dtype in _KERNEL_INPUT_DTYPES and not (x.requires_grad and torch.is_grad_enabled())):
@@ -373,6 +410,8 @@ class _QuantizedLinear(nn.Module):
                 if self._small_input_choice(x, packed_fn) == "dense":
                     return F.linear(x, self._dense_weight(x.dtype), None if bias is None else bias.to(x.dtype))
                 y = packed_fn()
+                if x.numel() == self.in_features and x.dtype is torch.float32 and self._kernel_cache[0] is _Q4:
+                    self._plan_decode(self._kernel_cache)
             except RuntimeError:
                 self._kernel_ok = False  # no kernel for this shape/build: remember, take the exact path
             else:
@@ -396,6 +435,7 @@ class _QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache, self._dense_cache, self._kernel_ok, self._choices = None, None, True, {}
+        self._decode = None
         super()._load_from_state_dict(*args, **kwargs)
 
 
@@ -460,6 +500,8 @@ class Int8Linear(_QuantizedLinear):
         return rows <= 1 or dtype is torch.float32 or int8_kernel_safe(CPU_CAPABILITY, rows, dtype)  # batch-1 decode: no lookup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._decode is not None and (y := self._planned(x)) is not None:
+            return y
         if (self.kernel == "dynamic" and self._dynamic_ok and x.is_cpu and x.dtype in _KERNEL_INPUT_DTYPES
                 and x.numel() and not (x.requires_grad and torch.is_grad_enabled())):
             bias = self._parameters["bias"]
@@ -470,6 +512,8 @@ class Int8Linear(_QuantizedLinear):
                 if self._small_input_choice(x, fast) == "dense":
                     return F.linear(x, self._dense_weight(x.dtype), None if bias is None else bias.to(x.dtype))
                 y = fast()
+                if x.numel() == self.in_features and x.dtype is torch.float32:
+                    self._plan_decode(self._q8_cache)
                 return y if bias is None else y + bias.to(x.dtype)
             try:
                 derived = self._kernel_tensors(_DYNAMIC)

@@ -254,3 +254,31 @@ def test_dynamic_takes_the_exact_weights_for_many_rows():
     x = torch.randn(qlinear.KERNEL_MAX_ROWS + 1, 256)
     with torch.no_grad():
         assert torch.equal(q(x), F.linear(x, q.dequantize()))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_one_row_decode_plan_follows_edits_and_settings(kind):
+    """After one C-kernel call a one-row input takes a bound call (`_planned`); an in-place edit, a replaced
+    buffer or a changed setting drops the plan, and the result is always what the full dispatch gives."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    q = Int8Linear.from_linear(lin, "dynamic") if kind == "int8" else qlinear.Int4Linear.from_linear(lin, 32)
+    q.kernel_choice = "packed"
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        first = q(x)
+        assert q._decode is not None
+        assert torch.equal(q(x), first)  # the bound call computes what the dispatch did
+        codes = "weight_int8" if kind == "int8" else "weight_int4"
+        q.scales.mul_(2)  # in place: the version moves, the plan is dropped, the kernel tensors are rebuilt
+        doubled = q(x)
+        assert torch.allclose(doubled - q.bias, 2 * (first - q.bias), rtol=1e-5, atol=1e-5)
+        setattr(q, codes, getattr(q, codes).clone())  # a replaced buffer
+        assert torch.equal(q(x), doubled)
+        q.kernel_choice = "dense"  # a changed setting: the exact dequantized matmul
+        assert torch.allclose(q(x), F.linear(x, q.dequantize(), q.bias), rtol=0, atol=1e-5)
+        assert q._decode is None
+        q.kernel_choice = "packed"
+        x_bf16 = x.to(torch.bfloat16)  # not the fp32 row the plan binds: the dispatch runs
+        assert q(x_bf16).dtype == torch.bfloat16
