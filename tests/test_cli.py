@@ -78,7 +78,7 @@ def test_quickstart_tiny_profile(tmp_path):
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert list(summary["stages"]) == ["data", "teacher", "student", "pairs", "aligned", "aligned-int8",
                                        "aligned-int4", "select", "report", "gguf"]
-    assert (tmp_path / "qs" / "gguf" / "model-q8_0.gguf").stat().st_size > 0
+    assert (tmp_path / "qs" / "gguf" / "model.gguf").stat().st_size > 0  # the recommended model's own codes
     models = summary["models"]
     assert set(models) == {"teacher (teacher)", "student", "aligned", "aligned-int8", "aligned-int4"}
     for row in models.values():
@@ -107,7 +107,7 @@ def test_quickstart_from_smollm2_tiny_profile(tmp_path):
     assert summary["teacher"] == "smollm2"
     assert list(summary["stages"]) == ["teacher", "data", "student", "pairs", "aligned", "aligned-int8",
                                        "aligned-int4", "select", "report", "gguf"]
-    assert (tmp_path / "qs" / "gguf" / "model-q8_0.gguf").stat().st_size > 0
+    assert (tmp_path / "qs" / "gguf" / "model.gguf").stat().st_size > 0  # the recommended model's own codes
     student = json.loads((tmp_path / "qs" / "student" / "slmkit.json").read_text())["stages"][-1]["student"]
     assert len(student["layers"]) == 4 and len(student["block_influence"]) == 30
     models = summary["models"]

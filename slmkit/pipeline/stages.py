@@ -438,7 +438,7 @@ def run_report(opts: ReportOptions, out: Path, ctx: RunContext) -> dict:
 class ExportOptions:
     ckpt: str
     format: str = "hf"  # hf | gguf
-    type: str = "f16"  # gguf tensor type: f32 | f16 | q8_0 | q4_0
+    type: str = "auto"  # gguf: how float matrices are stored (auto | f32 | f16 | q8_0 | q4_0); quantized ones keep their codes
 
 
 def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
@@ -450,7 +450,7 @@ def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
     if opts.format == "gguf":
         from ..export.gguf import export_gguf
 
-        target = out / f"model-{opts.type}.gguf"
+        target = out / ("model.gguf" if opts.type == "auto" else f"model-{opts.type}.gguf")
         export_gguf(opts.ckpt, target, type=opts.type)
         return {"format": "gguf", "type": opts.type, "bytes": target.stat().st_size}
     raise RecipeError(f"{ctx.recipe.source}: export format must be hf or gguf, not {opts.format!r}")
