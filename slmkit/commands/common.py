@@ -55,6 +55,20 @@ def default_help(text: str, defaults, name: str, note: str = "") -> str:
     return f"{text} [default: {defaults[name]}{note}]".strip()
 
 
+QAT_HELP = ("Quantization-aware training against the format that will ship: q4_0 | q4_1 | q8_0 (GGUF blocks; "
+            "q4_* in groups of 32) or a quant.int4:... / quant.int8:... pass spec. The forward uses the weights "
+            "that pass will store (straight-through gradients); afterwards `slm compress OUT --pass ...` writes "
+            "exactly those codes (the command is printed).")
+
+
+def print_qat_next_step(cfg, out) -> None:
+    """After a --qat run: the command that turns the trained float weights into the codes they trained against."""
+    plan = cfg.qat_plan()
+    if plan is not None:
+        out_console.print(f"quantization-aware: ship it with  slm compress {out} --pass {plan.pass_text} "
+                          f"--out {out}-{plan.name.split('.')[-1]}   (then slm export gguf)")
+
+
 QUIET_HELP = "No progress bars (they are also off when stderr is not a terminal)."
 
 

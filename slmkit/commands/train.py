@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import (LORA_RANK_HELP, LORA_TARGETS_DEFAULT, lora_config, out_console, print_lora_summary,
+from .common import (LORA_RANK_HELP, QAT_HELP, print_qat_next_step, LORA_TARGETS_DEFAULT, lora_config, out_console, print_lora_summary,
                      train_config)
 
 app = typer.Typer()
@@ -37,6 +37,7 @@ def train(
     lora_alpha: float = typer.Option(16.0, help="LoRA scaling numerator (update scaled by alpha/rank)."),
     lora_targets: str = typer.Option(LORA_TARGETS_DEFAULT, help="Comma-separated module names that get adapters."),
     lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
+    qat: Optional[str] = typer.Option(None, "--qat", help=QAT_HELP),
 ):
     """Pretrain a model on a dataset.
 
@@ -46,13 +47,14 @@ def train(
         slm train --data runs/ds --model my_model.yaml --out runs/m --config train.yaml --resume
         torchrun --nproc-per-node 2 -m slmkit.cli train --data runs/ds --model tiny --out runs/ddp
         slm train --data runs/domain-ds --model runs/small --out runs/small-lora --steps 300 --lora-rank 16 --lr 1e-3
+        slm train --data runs/ds --model runs/small --out runs/small-q4 --steps 300 --lr 1e-4 --qat q4_0
     """
     from ..train.pretrain import pretrain
 
     cfg = train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
                        eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
-                       device=device, resume_from=out if resume else None)
+                       device=device, qat=qat, resume_from=out if resume else None)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     result = pretrain(data, model, out, cfg, resume=resume, lora=lora)
     last = result.evals[-1] if result.evals else {}
@@ -60,6 +62,7 @@ def train(
                       f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
     if lora is not None:
         print_lora_summary(out)
+    print_qat_next_step(cfg, out)
 
 
 @app.command()
@@ -101,6 +104,7 @@ def distill(
     lora_alpha: float = typer.Option(16.0, help="LoRA scaling numerator (update scaled by alpha/rank)."),
     lora_targets: str = typer.Option(LORA_TARGETS_DEFAULT, help="Comma-separated module names that get adapters."),
     lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA input."),
+    qat: Optional[str] = typer.Option(None, "--qat", help=QAT_HELP),
 ):
     """Distill a teacher into a smaller student (logit KD, cached, on-policy, hidden states, or sequence-level).
 
@@ -113,6 +117,7 @@ def distill(
         slm distill -t runs/teacher -s tiny -d runs/ds -o runs/s --on-policy 0.25 --hidden-weight 1.0
         slm distill -t runs/hf-llama -s small -d runs/ds -o runs/s --mode sequence --prompts 512
         slm distill -t runs/teacher -s runs/student -d runs/ds -o runs/s-lora --lora-rank 8 --lr 1e-3
+        slm distill -t runs/teacher -s runs/teacher -d runs/ds -o runs/t-q4 --qat q4_0 --lr 5e-5   # QAT-KD
     """
     from ..distill import KDConfig
     from ..distill.run import distill as run_distill
@@ -120,7 +125,7 @@ def distill(
     cfg = train_config(config, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, precision=precision, compile=compile,
                         eval_every=eval_every, save_every=save_every, time_budget_s=time_budget, seed=seed,
-                        device=device, resume_from=out if resume else None)
+                        device=device, qat=qat, resume_from=out if resume else None)
     lora = lora_config(lora_rank, lora_alpha, lora_targets, lora_dropout)
     if lora is not None and mode != "logits":
         raise ValueError("--lora-rank works with --mode logits; sequence-level KD trains the whole student")
@@ -144,6 +149,7 @@ def distill(
                       f"val bits/byte {last.get('val_bits_per_byte', float('nan')):.4f} -> {out}")
     if lora is not None:
         print_lora_summary(out)
+    print_qat_next_step(cfg, out)
 
 
 @app.command("teacher-cache")

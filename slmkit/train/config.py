@@ -35,6 +35,9 @@ class TrainConfig:
     seed: int = 1234
     time_budget_s: float | None = None  # train for about this long; steps are set after a short probe
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Quantization-aware training against the pass that will ship the model: q4_0 | q4_1 | q8_0 (GGUF blocks) or
+    # a quant.int4:... / quant.int8:... spec (compress/qat.py). None trains plain float weights.
+    qat: str | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -48,6 +51,20 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise TrainConfigError(", ".join(f"{k}={getattr(self, k)!r} is invalid" for k in bad))
+        if self.qat is not None:
+            self.qat_plan()  # refuse an unknown format before any work
+
+    def qat_plan(self):
+        """The validated QAT plan (compress.qat.QATPlan), or None."""
+        if self.qat is None:
+            return None
+        from ..compress.base import PassError
+        from ..compress.qat import parse_qat
+
+        try:
+            return parse_qat(str(self.qat))
+        except PassError as e:
+            raise TrainConfigError(f"qat={self.qat!r}: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

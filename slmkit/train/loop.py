@@ -89,6 +89,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.step_fn, self.batches, self.evaluate = step_fn, batches, evaluate
         self.tokenizer_from, self.provenance = tokenizer_from, provenance or {}
+        self.qat = self._apply_qat(cfg) if cfg.qat else None
         self.on_step_end, self.quiet = on_step_end, quiet or not self.dist.is_main
         self.amp_dtype = autocast_dtype(cfg, self.device)
         world = self.dist.world_size
@@ -116,6 +117,23 @@ class Trainer:
         self.lr_anchor: tuple[int, float] | None = None  # set when a resume changes the total (see lr_at)
         self.history: list[dict] = []
         self.evals: list[dict] = []
+
+    def _apply_qat(self, cfg: TrainConfig) -> dict:
+        """Quantization-aware modules for `cfg.qat` (compress/qat.py), recorded in the stage's provenance."""
+        from ..compress.base import PassError
+        from ..compress.qat import apply_qat
+
+        if any(type(m).__name__.startswith("LoRA") for m in self.model.modules()):
+            raise TrainConfigError("qat: quantization-aware training trains the full weights; it cannot be combined "
+                                   "with LoRA adapters (drop --lora-rank, or --qat)")
+        try:
+            report = apply_qat(self.model, cfg.qat_plan())
+        except PassError as e:
+            raise TrainConfigError(f"qat={cfg.qat!r}: {e}") from None
+        stages = self.provenance.get("stages")
+        if stages:
+            stages[-1]["qat"] = report
+        return report
 
     # -- persistence --------------------------------------------------------------------------------
 
