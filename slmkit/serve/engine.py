@@ -29,6 +29,14 @@ own `torch.Generator`, so its tokens do not depend on what else shares the batch
 `generate(..., seed=s)` for one prompt). Log-probabilities are the log-softmax of the model's raw logits
 (before temperature, top-k/top-p and repetition penalty), which is what OpenAI's API reports.
 
+Structured output (constrained.py): a request with a `constraint` (a compiled `response_format`) gets its own
+grammar matcher. Before sampling, every logit its grammar forbids is set to -inf in its row only (rows without a
+constraint are untouched), on the greedy, grouped and seeded paths alike; its stop tokens are allowed only where
+the grammar accepts, and the row finishes with "stop" as soon as the grammar is complete. For such a row the
+reported logprobs are those of the masked distribution (the log-softmax over the tokens the grammar allowed,
+before temperature etc.), so `top_logprobs` only lists tokens that could have been chosen. A row whose matcher
+fails fails alone (`Failed`), and its slot is freed like any finished row's.
+
 Identical prompts admitted together (the `n` choices of one request, queued at once by `submit_all`) are
 prefilled once and their cache rows copied; prompts that merely share a prefix are prefilled separately.
 
@@ -54,6 +62,7 @@ import torch
 
 from ..compress.fuse import fuse_projections
 from ..model.cache import KVCache
+from .constrained import CompiledConstraint, ConstraintError, mask_logits_
 from .generate import RowOutput, SamplingParams, apply_repetition_penalty, left_pad, sample_next, stop_token_ids
 
 log = logging.getLogger("slmkit.serve.engine")
@@ -76,6 +85,7 @@ class EngineRequest:
     logprobs: int | None = None  # per generated token: its logprob and the `logprobs` most likely tokens
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI `echo`)
     score_only: bool = False  # prefill only: no token is generated (OpenAI `max_tokens=0` with `echo`)
+    constraint: CompiledConstraint | None = None  # enforced response_format (constrained.compile_response_format)
 
 
 @dataclass
@@ -139,8 +149,9 @@ class _Row:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self._pending = ""  # text the RowOutput released during the current push
-        self.output = RowOutput(0, len(request.prompt_ids), tokenizer, self.params,
-                                stop_token_ids(self.params, config), self._collect)
+        stop_ids = stop_token_ids(self.params, config)
+        self.output = RowOutput(0, len(request.prompt_ids), tokenizer, self.params, stop_ids, self._collect)
+        self.matcher = None if request.constraint is None or request.score_only else request.constraint.matcher(stop_ids)
         self.generator = None
         if self.params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
@@ -176,7 +187,11 @@ class _Row:
             self.first_token_at = now
         if self.seen is not None:
             self.seen[token] = True
+        if self.matcher is not None:
+            self.matcher.advance(token)  # ConstraintError if the grammar refuses it: the caller fails this row
         done = self.output.push(token)
+        if not done and self.matcher is not None and self.matcher.is_done():
+            done = self.output.finish("stop")  # the grammar is complete: nothing but eos could follow
         kept = not self.output.ended_by_token  # a stop token is not part of the output
         if lp is not None and kept:
             self.logprobs.append(lp)
@@ -205,7 +220,7 @@ def _token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> lis
     picked = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
     if k > 0:
         top_v, top_i = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (T, k)
-        tops = [list(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+        tops = [[(t, x) for t, x in zip(i, v) if x != float("-inf")] for i, v in zip(top_i.tolist(), top_v.tolist())]
     else:
         tops = [[] for _ in picked]
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(chosen.tolist(), picked, tops)]
@@ -352,6 +367,13 @@ class Engine:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {V})")
         new = 0 if request.score_only else request.params.max_new_tokens
+        c = request.constraint
+        if c is not None and not isinstance(c, CompiledConstraint):
+            raise ValueError("constraint must come from constrained.compile_response_format, got "
+                             f"{type(c).__name__}")
+        if c is not None and c.vocab_size > V:
+            raise ValueError(f"the constraint was compiled for a tokenizer of {c.vocab_size} tokens; this model "
+                             f"has {V}: compile it with the engine's tokenizer")
         if len(ids) + new > self.config.max_position_embeddings:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={new} exceeds the model's context of "
                              f"{self.config.max_position_embeddings} tokens; shorten the prompt or lower max_tokens")
@@ -576,6 +598,10 @@ class Engine:
         broken_rows = broken.tolist()
         if any(broken_rows):
             logits = logits.masked_fill(broken[:, None], 0.0)  # sampled but never used: keeps the others' draw valid
+        refused: dict[int, str] = {}  # row -> why its grammar could not give a mask
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None and not broken_rows[i]]
+        if constrained:  # -inf where a row's grammar forbids the token; a failed row keeps its logits (never used)
+            refused = mask_logits_(logits, constrained, [rows[i].matcher for i in constrained])
         tokens = self._sample(rows, logits)  # (B,)
         batch.next_ids = tokens
         ids = tokens.tolist()
@@ -597,7 +623,16 @@ class Engine:
                 row.emit(Failed("generation failed: the model produced non-finite logits (NaN or inf) for this "
                                 "sequence; the checkpoint or its dtype (fp16 overflow?) is likely at fault"))
                 continue
-            if not row.push(ids[i], lps[i], now) and not row.handle.cancelled:
+            if i in refused:
+                row.emit(Failed(f"structured output failed: {refused[i]}"))
+                continue
+            try:
+                done = row.push(ids[i], lps[i], now)
+            except ConstraintError as e:  # only this row: the others' tokens are already pushed or still valid
+                log.error("structured output failed for one sequence: %s", e)
+                row.emit(Failed(f"structured output failed: {e}"))
+                continue
+            if not done and not row.handle.cancelled:
                 keep.append(i)
         return batch.keep(keep)
 

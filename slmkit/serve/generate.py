@@ -13,6 +13,9 @@ Features:
   builds no mask at all (plain attention over the cache); this is the batch-1 fast path.
 - Stop conditions: stop token ids (default: the model's eos), stop strings matched on the decoded text
   (the stop string itself is not part of the output), and `max_new_tokens`.
+- Structured output: `constraint` (a compiled `response_format`, see constrained.py) masks every row's logits to
+  what its grammar allows, allows the stop tokens only where the grammar accepts, and ends a row ("stop") when
+  its grammar is complete. The same matcher the serving engine uses.
 - Streaming: `on_token(row_index, text_delta)` receives text as soon as it is final. A row's generated
   ids are decoded whole each step and only the new suffix is sent, and only when the text does not end
   in U+FFFD (a multi-byte UTF-8 character split across tokens is sent once complete). Text that could
@@ -163,6 +166,7 @@ class RowOutput:
         self.finish_reason: str | None = None
         self.ended_by_token = False
         self.decode_seconds = 0.0
+        self.matcher = None  # a ConstraintMatcher when the output must follow a grammar
 
     def push(self, token: int) -> bool:
         """Add a sampled token; True when the row has finished."""
@@ -200,6 +204,10 @@ class RowOutput:
                 self.on_token(self.index, text[self.emitted:upto])
             self.emitted = upto
 
+    def finish(self, reason: str) -> bool:
+        """End the row now (e.g. its grammar is complete); always True."""
+        return self._finish(reason)
+
     def _finish(self, reason: str, text: str | None = None) -> bool:
         self.finish_reason = reason
         self.text = text if text is not None else self.tokenizer.decode(self.ids)
@@ -217,14 +225,15 @@ class RowOutput:
 
 def generate(model, tokenizer, prompts: list[str] | str, params: SamplingParams | None = None, *,
              on_token: Callable[[int, str], None] | None = None, bos: bool = True,
-             dtype: torch.dtype | None = None, compile: bool = False) -> list[GenerationResult]:
+             dtype: torch.dtype | None = None, compile: bool = False, constraint=None) -> list[GenerationResult]:
     """Generate a continuation for each prompt (a `tokenizers.Tokenizer` encodes and decodes).
 
     Returns one `GenerationResult` per prompt, in order (a list even for a single string). `on_token`
     streams `(prompt_index, text_delta)`. `dtype` (e.g. torch.bfloat16) runs the model under autocast
     with a cache of that dtype; None runs in the model's own dtype. `compile=True` runs decode steps
     through `torch.compile` (dynamic shapes; compiled once per model class and reused): the first
-    call pays the compilation (tens of seconds on a CPU), later calls decode faster."""
+    call pays the compilation (tens of seconds on a CPU), later calls decode faster. `constraint` (from
+    `constrained.compile_response_format`) enforces a JSON grammar on every row."""
     params = params or SamplingParams()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -238,6 +247,12 @@ def generate(model, tokenizer, prompts: list[str] | str, params: SamplingParams 
                          "shorten the prompt or lower max_new_tokens")
     stop_ids = stop_token_ids(params, cfg)
     outputs = [RowOutput(i, len(r), tokenizer, params, stop_ids, on_token) for i, r in enumerate(rows)]
+    if constraint is not None:
+        if constraint.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the constraint was compiled for a tokenizer of {constraint.vocab_size} tokens; the "
+                             f"model has {cfg.vocab_size}")
+        for out in outputs:
+            out.matcher = constraint.matcher(stop_ids)
     fuse_projections(model)  # quantized q/k/v and gate/up as one matmul each (compress/fuse.py)
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
@@ -285,6 +300,8 @@ def _run(model, rows: list[list[int]], outputs: list[RowOutput], params: Samplin
         logits = logits[:, -1].float()  # (b, V)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        if outputs[0].matcher is not None:
+            _constrain(logits, [outputs[i].matcher for i in active])
         next_ids = sample_next(logits, params, generator)  # (b,)
         tokens = next_ids.tolist()
         now = time.perf_counter()
@@ -293,7 +310,9 @@ def _run(model, rows: list[list[int]], outputs: list[RowOutput], params: Samplin
         still = []
         for j, tok in enumerate(tokens):
             out = outputs[active[j]]
-            if out.push(tok):
+            if out.matcher is not None:
+                out.matcher.advance(tok)
+            if out.push(tok) or (out.matcher is not None and out.matcher.is_done() and out.finish("stop")):
                 out.decode_seconds = now - decode_start
             else:
                 still.append(j)
@@ -314,3 +333,13 @@ def _run(model, rows: list[list[int]], outputs: list[RowOutput], params: Samplin
             positions = positions[:, -1:] + 1  # (b, 1)
         logits = decode_step(next_ids[:, None], position_ids=positions, attention_mask=mask,
                              cache=cache, last_only=True)
+
+
+def _constrain(logits: torch.Tensor, matchers: list) -> None:
+    """Mask `logits` (b, V) in place to what each row's grammar allows; raise if a grammar cannot go on."""
+    from .constrained import ConstraintError, mask_logits_
+
+    failed = mask_logits_(logits, list(range(len(matchers))), matchers)
+    if failed:
+        row, why = next(iter(failed.items()))
+        raise ConstraintError(f"structured output failed in batch row {row}: {why}")
