@@ -336,3 +336,47 @@ def test_allowed_mask_and_done(tokenizer):
     assert m.allowed_mask(V).nonzero().flatten().tolist() == [eos]
     with pytest.raises(ConstraintError, match="not allowed"):
         c.matcher({eos}).advance(tokenizer.encode("x", add_special_tokens=False).ids[0])
+
+
+# -- slm generate --json-schema / --json -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory, model, tokenizer):
+    from slmkit.checkpoint import save_checkpoint
+    from slmkit.data.tokenizer import special_token_ids, tokenizer_config
+
+    root = tmp_path_factory.mktemp("json-cli")
+    (root / "tok").mkdir()
+    tokenizer.save(str(root / "tok" / "tokenizer.json"))
+    (root / "tok" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer,
+                                                                                    special_token_ids(tokenizer))))
+    return save_checkpoint(model, root / "ck", tokenizer_from=root / "tok")
+
+
+def test_slm_generate_json_schema_and_json(ckpt_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    schema = tmp_path / "person.schema.json"
+    schema.write_text(json.dumps(SCHEMAS["required"]))
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", str(ckpt_dir), "A person:", "The quick", "--no-stream", "-n", "120",
+                            "--json-schema", str(schema), "--seed", "0"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    values = [line[len(p):] for line in r.output.splitlines() for p in ("A person:", "The quick") if line.startswith(p)]
+    assert len(values) == 2, r.output
+    for v in values:
+        check(v, SCHEMAS["required"])
+    r = runner.invoke(app, ["generate", str(ckpt_dir), "x", "--json", "-n", "40", "--temperature", "0"])
+    assert r.exit_code == 0 and r.output.startswith("x{"), r.output  # the random model may not close it in 40
+    if "finish: stop" in r.output:
+        assert isinstance(json.loads(r.output.split("\n")[0][1:]), dict), r.output
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "object", "properties": {"a": {"not": {}}}}))
+    for args, message in ((["--json-schema", str(bad)], "not"), (["--json-schema", str(tmp_path / "nope.json")],
+                                                                 "not found"),
+                          (["--json", "--json-schema", str(schema)], "not both")):
+        r = runner.invoke(app, ["generate", str(ckpt_dir), "x", *args], env={"COLUMNS": "200"})
+        assert r.exit_code == 2 and message in r.output, r.output
