@@ -44,7 +44,8 @@ from torch import Tensor
 
 __all__ = [
     "KDError", "forward_kl", "reverse_kl", "jsd", "DIVERGENCES", "dense_logprobs", "topk_logprobs",
-    "kd_loss", "validate_kd_config", "combine",
+    "kd_loss", "validate_kd_config", "combine", "divergence_per_position", "check_same_vocab", "topk_buckets",
+    "softened_logprobs",
 ]
 
 
@@ -117,13 +118,17 @@ def softened_logprobs(logits: Tensor, temperature: float) -> Tensor:
 def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Temperature-softened log-probabilities over the full vocabulary: (..., V) each -> (s_logp, t_logp)."""
     _check_temperature(temperature)
-    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    check_same_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    return softened_logprobs(student_logits, temperature), softened_logprobs(teacher_logits, temperature)
+
+
+def check_same_vocab(v_s: int, v_t: int) -> None:
+    """Raise KDError unless the student's and the teacher's vocabularies have the same size."""
     if v_s != v_t:
         raise KDError(
             f"the teacher and student vocabularies differ (V_t={v_t} vs V_s={v_s}); logit KD compares "
             f"distributions token by token and needs a shared tokenizer: rebuild the student's dataset with "
             f"`--tokenizer TEACHER`, or use `slm distill --mode sequence` (trains on teacher-generated text)")
-    return softened_logprobs(student_logits, temperature), softened_logprobs(teacher_logits, temperature)
 
 
 def topk_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor,
@@ -221,17 +226,24 @@ def validate_kd_config(loss: str, temperature: float, beta: float, alpha: float)
                       f"got {alpha!r} (1.0 = pure distillation, 0.0 = no distillation)")
 
 
+def divergence_per_position(name: str, s_logp: Tensor, t_logp: Tensor, *, beta: float = 0.5) -> Tensor:
+    """The divergence `name` at every position, (..., V) -> (...): `kd_loss` before masking and averaging
+    (chunked losses sum it chunk by chunk and divide by the whole batch's count)."""
+    fn = _check_name(name)
+    _check_beta(beta)
+    # Divergences declare their hyperparameters as keywords; pass along only those this one takes.
+    params = {"beta": beta} if "beta" in inspect.signature(fn).parameters else {}
+    return fn(s_logp, t_logp, **params)
+
+
 def kd_loss(name: str, s_logp: Tensor, t_logp: Tensor, *, mask: Tensor | None = None,
             temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     """Scalar KD loss: the divergence `name` per position, averaged over positions where `mask` is True
     (shape = the leading shape of the log-probs; None = all), times temperature² (Hinton's gradient-scale
     correction; `temperature` must be the one the log-probs were softened with)."""
-    fn = _check_name(name)
+    _check_name(name)
     _check_temperature(temperature)
-    _check_beta(beta)
-    # Divergences declare their hyperparameters as keywords; pass along only those this one takes.
-    params = {"beta": beta} if "beta" in inspect.signature(fn).parameters else {}
-    per_pos = fn(s_logp, t_logp, **params)  # (...)
+    per_pos = divergence_per_position(name, s_logp, t_logp, beta=beta)  # (...)
     if mask is None:
         loss = per_pos.mean()
     else:

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.chunked_losses import chunked_losses_enabled, fused_head_loss, output_head
 from ..train.steps import auxiliary_loss
+from .chunked_kd import KDObjective, TeacherRows
 from .hidden import HiddenStateLoss
-from .kd_losses import (KDError, combine, dense_logprobs, kd_loss, softened_logprobs, topk_buckets,
-                        validate_kd_config)
+from .kd_losses import (KDError, check_same_vocab, combine, dense_logprobs, kd_loss, softened_logprobs,
+                        topk_buckets, validate_kd_config)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ class KDStep:
         if batch.get("on_policy"):
             ids, labels, mask = self._on_policy_batch(model, ids, labels, batch.get("step", 0))
             alpha = 1.0  # the student's own samples are no ground truth for cross-entropy
+        else:
+            head = self._fused_head(model)
+            if head is not None:
+                return self._fused_step(model, head, ids, labels, mask, batch)
         want_hidden = self.hidden is not None
         out = self.student_forward(model, ids, batch, want_hidden)
         s_logits, s_hidden = out if want_hidden else (out, None)
@@ -129,6 +135,44 @@ class KDStep:
             h = self.hidden(s_hidden, t_hidden)
             loss = loss + self.cfg.hidden_weight * h
             metrics["hidden"] = h.detach()
+        return loss, metrics
+
+    def _fused_head(self, model: torch.nn.Module):
+        """The student's head when this step can fuse the loss with it (chunked_losses.py), else None: not with
+        hidden-state KD, not in a subclass that reads with memory, not with `SLMKIT_CHUNKED_LOSS=0`."""
+        if (self.hidden is not None or not chunked_losses_enabled()
+                or type(self).student_forward is not KDStep.student_forward
+                or type(self).teacher_forward is not KDStep.teacher_forward):
+            return None
+        return output_head(model)
+
+    def _fused_step(self, model, head, ids, labels, mask, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The same loss and metrics as the plain path, chunk by chunk of positions: no (B, T, V) tensor."""
+        cfg = self.cfg
+        teacher, topk = None, None
+        if cfg.alpha != 0:
+            if "teacher_topk_ids" in batch:
+                if batch["teacher_topk_ids"].max() >= head.vocab_size:
+                    raise KDError(f"the teacher cache names token ids beyond the student's vocabulary "
+                                  f"({head.vocab_size}); it was built with another tokenizer")
+                topk = (batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch["teacher_tail_logprob"])
+            else:
+                with torch.no_grad():
+                    t_head = output_head(self.teacher)
+                    if t_head is not None:
+                        teacher = TeacherRows(hidden=self.teacher(ids, return_final_hidden=True), head=t_head)
+                    else:  # a head only its own forward can apply: the teacher's logits, without a graph
+                        teacher = TeacherRows(logits=self.teacher(ids))
+                check_same_vocab(head.vocab_size, teacher.vocab_size)
+        hidden = model(ids, return_final_hidden=True)  # (B, T, d)
+        objective = KDObjective(cfg.loss, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha,
+                                labels=labels, mask=mask, teacher=teacher, topk=topk)
+        loss, parts = fused_head_loss(hidden, head, objective)
+        metrics = {"kd": parts["kd"], "ce": parts["ce"]}
+        aux = auxiliary_loss(model)
+        if aux is not None:  # e.g. MoE load balancing of the student
+            loss = loss + aux
+            metrics["aux_loss"] = aux.detach()
         return loss, metrics
 
     def _kd_term(self, ids, batch: dict, s_logits, s_full, mask, want_hidden: bool):

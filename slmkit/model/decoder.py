@@ -103,7 +103,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False, return_hidden_states: bool = False, memory: XLMemory | None = None,
-                document_ids: torch.Tensor | None = None):
+                document_ids: torch.Tensor | None = None, return_final_hidden: bool = False):
         """input_ids: (B, T). attention_mask: (B, S) with 1 for real tokens over all S = past + T key
         positions (only needed for padded batches). Returns logits (B, T, V) — (B, 1, V) with
         `last_only` — and, with `return_hidden_states`, the list of per-layer inputs plus the final
@@ -111,7 +111,9 @@ class CausalLM(nn.Module):
         cached positions of earlier segments and then keeps its last positions for the next one.
         `document_ids` (B, T) marks packed rows: a position attends only to earlier positions with the same
         id (pass `position_ids` restarting at each document too, and a packed row computes exactly what each
-        document alone would)."""
+        document alone would). `return_final_hidden` returns the final normalised hidden state (B, T, d) in
+        place of the logits, without applying `lm_head`, for losses that fuse the output projection with the
+        loss (train/chunked_losses.py) and never hold the (B, T, V) logits."""
         B, T = input_ids.shape
         if document_ids is not None:
             if document_ids.shape != input_ids.shape:
@@ -148,7 +150,7 @@ class CausalLM(nn.Module):
             hidden.append(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
+        logits = x if return_final_hidden else self.lm_head(x)  # (B, T, d) or (B, T, V)
         return (logits, hidden) if return_hidden_states else logits
 
     def auxiliary_loss(self) -> torch.Tensor | None:
