@@ -3,10 +3,14 @@
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`;
 `"stream": true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`). Requests become
 `EngineRequest`s of the continuous-batching engine (engine.py); `n` samples and lists of prompts become
-one engine sequence each.
+one engine sequence each. At the root, for evaluation harnesses: `GET /tokenizer_info`, `POST /tokenize`,
+`POST /detokenize` (tokenize_api.py); prompts may be token ids, and `echo` with `logprobs` scores them.
+
+Operations: `GET /metrics` (Prometheus text format, metrics.py); every response carries an `X-Request-Id`
+(the client's, when sane, else a new one), which also prefixes the server's log lines for that request.
 
 Private: binds 127.0.0.1 unless told otherwise, and refuses any other host without an API key (unless
-`insecure`); with an API key every `/v1` request needs
+`insecure`); with an API key every request but `/health` needs
 `Authorization: Bearer KEY` (compared with `hmac.compare_digest`); prompts and completions are never
 logged unless `log_requests`; nothing here opens an outbound connection.
 
@@ -23,20 +27,23 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .engine import Delta, Engine, EngineBusy, EngineClosed, EngineRequest, Failed, Finished
 from .generate import SamplingParams
 from .limits import MAX_PROMPTS_PER_REQUEST, RequestGuard, ServerConfig, check_exposure, is_loopback
+from .metrics import CONTENT_TYPE, RequestIdFilter, ServerMetrics, request_id, reset_request_id, set_request_id
 from .openai_responses import (CompletionLogprobs, chat_chunk, chat_logprobs, completion_chunk, merge_logprobs,
                                new_id, now, usage)
 from .openai_schema import ApiError, ChatRequest, CompletionRequest, parse_request
+from .tokenize_api import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("slmkit.serve")
 
@@ -57,15 +64,18 @@ class _Job:
     wake-up per token per stream would keep the loop thread busy and, through the GIL, slow the scheduler
     thread down (the convoy effect) exactly when many streams run."""
 
-    def __init__(self, engine: Engine, requests: list[EngineRequest]):
+    def __init__(self, engine: Engine, requests: list[EngineRequest], on_finished=None):
         self._loop = asyncio.get_running_loop()
         self._events: deque = deque()
         self._ready = asyncio.Event()
         self._wake_pending = False
+        self._on_finished = on_finished
         self.handles = engine.submit_all([(r, lambda ev, i=i: self._push(i, ev)) for i, r in enumerate(requests)])
 
     def _push(self, index: int, event) -> None:  # scheduler thread
         self._events.append((index, event))
+        if self._on_finished is not None and isinstance(event, Finished):
+            self._on_finished(event)
         if not self._wake_pending:  # a wake-up already scheduled will see this event too
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._wake)
@@ -119,7 +129,12 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
     """The FastAPI app serving `engine`; `chat_template` (a ChatTemplate) enables /v1/chat/completions.
     The caller starts and closes the engine."""
     app = _private_fastapi(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
-    api = _Api(engine, config, chat_template)
+    metrics = ServerMetrics(engine.stats, lambda: engine.steps)
+    api = _Api(engine, config, chat_template, metrics)
+    app.state.metrics = metrics
+    app.add_middleware(_RequestContext, metrics=metrics, log_requests=config.log_requests)
+    if not any(isinstance(f, RequestIdFilter) for f in log.filters):
+        log.addFilter(RequestIdFilter())
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -140,6 +155,32 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
     async def health():
         return {"status": "ok", **engine.stats()}
 
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        api.guard.authorize(request)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info(request: Request):
+        api.guard.authorize(request)
+        return tokenizer_info(engine, chat_template)
+
+    @app.post("/tokenize")
+    async def post_tokenize(request: Request):
+        api.guard.authorize(request)
+        req = parse_request(TokenizeRequest, await api.guard.read_body(request))
+        if req.model is not None:
+            api.guard.check_model(req.model)
+        return tokenize(engine, chat_template, req)
+
+    @app.post("/detokenize")
+    async def post_detokenize(request: Request):
+        api.guard.authorize(request)
+        req = parse_request(DetokenizeRequest, await api.guard.read_body(request))
+        if req.model is not None:
+            api.guard.check_model(req.model)
+        return detokenize(engine, req)
+
     @app.get("/v1/models")
     async def models(request: Request):
         api.guard.authorize(request)
@@ -151,7 +192,7 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
         api.guard.authorize(request)
         req = parse_request(CompletionRequest, await api.guard.read_body(request))
         prompts, requests = api.completion_requests(req)
-        job = api.submit(requests)
+        job = api.submit(requests, sum(len(ids) for ids, _ in prompts))
         if req.stream:
             return _event_stream(api.stream_completion(job, req, prompts), job)
         return await api.finish_completion(job, req, prompts, request)
@@ -161,12 +202,62 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
         api.guard.authorize(request)
         req = parse_request(ChatRequest, await api.guard.read_body(request))
         prompt, requests = api.chat_requests(req)
-        job = api.submit(requests)
+        job = api.submit(requests, len(prompt))
         if req.stream:
             return _event_stream(api.stream_chat(job, req, prompt), job)
         return await api.finish_chat(job, req, prompt, request)
 
     return app
+
+
+ENDPOINTS = frozenset({"/health", "/metrics", "/tokenizer_info", "/tokenize", "/detokenize", "/v1/models",
+                       "/v1/completions", "/v1/chat/completions"})
+
+
+class _RequestContext:
+    """ASGI middleware around every HTTP request: gives it a request id (the client's `X-Request-Id` when sane,
+    else a new one) that goes into the response headers and, through a context variable, into the log lines
+    written while it is served; counts it in the metrics by endpoint and status; answers an exception that
+    escaped the handlers with a 500 that still carries the id. Plain ASGI rather than Starlette's
+    BaseHTTPMiddleware, which would run the endpoint in another task and delay disconnect detection."""
+
+    def __init__(self, app, metrics: ServerMetrics, log_requests: bool = False):
+        self.app, self.metrics, self.log_requests = app, metrics, log_requests
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+        rid = request_id(given.decode("latin-1") if given is not None else None)
+        token = set_request_id(rid)
+        start, status = time.perf_counter(), None
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:
+            if status is not None:  # the response has begun (a stream): it cannot become a 500 any more
+                status = 500
+                log.exception("error while sending a response")
+                raise
+            log.exception("unexpected error")
+            err = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
+            await JSONResponse(err.body(), status_code=500)(scope, receive, send_with_id)
+        finally:
+            path, method = scope.get("path", ""), scope.get("method", "")
+            seconds = time.perf_counter() - start
+            code = status if status is not None else 499  # the handler ended without answering
+            self.metrics.observe_http(path if path in ENDPOINTS else "other", method, code, seconds)
+            if self.log_requests:
+                client = scope.get("client") or ("-", 0)
+                log.info('%s "%s %s" %d %.1f ms', client[0], method, path, code, 1000 * seconds)
+            reset_request_id(token)
 
 
 def _event_stream(chunks, job: _Job) -> StreamingResponse:
@@ -189,8 +280,8 @@ def _private_fastapi(**options) -> FastAPI:
 
 
 class _Api:
-    def __init__(self, engine: Engine, config: ServerConfig, chat_template):
-        self.engine, self.config, self.chat_template = engine, config, chat_template
+    def __init__(self, engine: Engine, config: ServerConfig, chat_template, metrics: ServerMetrics):
+        self.engine, self.config, self.chat_template, self.metrics = engine, config, chat_template, metrics
         self.tokenizer, self.context = engine.tokenizer, engine.config.max_position_embeddings
         self.guard = RequestGuard(config, context=self.context, vocab_size=engine.config.vocab_size,
                                   capacity=engine.max_concurrent + engine.max_waiting)
@@ -198,10 +289,14 @@ class _Api:
         ids = [engine.tokenizer.token_to_id(t) for t in CHAT_STOP_TOKENS]
         eos = engine.config.eos_token_id
         self.chat_stop_ids = sorted({i for i in ids if i is not None} | ({eos} if eos is not None else set()))
+        self.end_ids = {eos} if eos is not None else set()  # what ends a completion by default
 
-    def submit(self, requests: list[EngineRequest]) -> _Job:
+    def submit(self, requests: list[EngineRequest], prompt_tokens: int) -> _Job:
+        """Queue the request's sequences; `prompt_tokens` is its usage.prompt_tokens, counted once accepted."""
         try:
-            return _Job(self.engine, requests)
+            job = _Job(self.engine, requests, self.metrics.observe_sequence)
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            return job
         except EngineBusy as e:
             raise ApiError(503, f"the server is busy ({e}); retry shortly", type="server_error",
                            code="server_overloaded", headers={"Retry-After": "1"}) from None
@@ -236,10 +331,23 @@ class _Api:
                 text = self.tokenizer.decode(ids)
             prompts.append((ids, text))
         score = req.echo and req.logprobs is not None
-        requests = [EngineRequest(ids, self._params(req, max(max_tokens, 1), j, None), logprobs=req.logprobs,
+        # One token with its logprob (lm-eval's scoring request: echo, max_tokens=1, logprobs=1) is reported even
+        # when it is the end-of-sequence token, which the engine otherwise drops with its logprob: clients slice
+        # `token_logprobs[ctxlen:-1]`, so one entry per prompt token plus exactly one more.
+        stop_ids = [] if self._one_scored_token(req) else None
+        requests = [EngineRequest(ids, self._params(req, max(max_tokens, 1), j, stop_ids), logprobs=req.logprobs,
                                   prompt_logprobs=req.logprobs if score else None, score_only=max_tokens == 0)
                     for ids, _ in prompts for j in range(req.n)]
         return prompts, requests
+
+    @staticmethod
+    def _one_scored_token(req: CompletionRequest) -> bool:
+        return req.max_tokens == 1 and req.logprobs is not None
+
+    def _finish_reason(self, req: CompletionRequest, ev: Finished) -> str:
+        if self._one_scored_token(req) and ev.token_ids and ev.token_ids[-1] in self.end_ids:
+            return "stop"  # the one token was the end of the sequence
+        return ev.finish_reason
 
     def _params(self, req, max_tokens: int, j: int, stop_ids: list[int] | None) -> SamplingParams:
         seed = None if req.seed is None else req.seed + j  # n samples of one seeded request differ
@@ -263,7 +371,7 @@ class _Api:
                 else:
                     lp = fmt.block(f.token_ids, f.logprobs or [])
             choices.append({"index": i, "text": (text if req.echo else "") + f.text, "logprobs": lp,
-                            "finish_reason": f.finish_reason})
+                            "finish_reason": self._finish_reason(req, f)})
             completion_tokens += f.completion_tokens
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
@@ -294,7 +402,8 @@ class _Api:
                             out.append(_sse(completion_chunk(rid, created, model, i, ev.text, logprobs=lp)))
                     else:
                         completion_tokens += ev.completion_tokens
-                        out.append(_sse(completion_chunk(rid, created, model, i, "", finish_reason=ev.finish_reason)))
+                        out.append(_sse(completion_chunk(rid, created, model, i, "",
+                                                         finish_reason=self._finish_reason(req, ev))))
                 if out:
                     yield "".join(out)
             if req.include_usage:
@@ -460,7 +569,7 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
                           max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
                           log_requests=log_requests)
     if log_requests:
-        logging.basicConfig(level=logging.INFO)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(engine, config, template)
     log.warning("serving %s as %r on http://%s:%d (API key %s, chat %s)", ck.path, config.model_name, host, port,
                 "required" if api_key else "off", "on" if template else "off (no chat_template)")
@@ -468,4 +577,4 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         log.warning("--insecure: %s is reachable beyond this machine and needs no API key", host)
     with engine:
         uvicorn.run(app, host=host, port=port, log_level="info" if log_requests else "warning",
-                    access_log=log_requests, timeout_graceful_shutdown=5)
+                    access_log=False, timeout_graceful_shutdown=5)  # the access lines are _RequestContext's
