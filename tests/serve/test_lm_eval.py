@@ -39,6 +39,7 @@ pytest.importorskip("lm_eval", reason=f"lm-evaluation-harness is not installed: 
 pytest.importorskip("tenacity", reason=f"lm-eval's API models need its [api] extra: {INSTALL}")
 
 MODEL = "slm-domain-tiny"
+KEY = "lm-eval-test-key"  # lm-eval sends it as OPENAI_API_KEY (completions) and auth_token (tokenizer endpoints)
 CONTEXT = 512
 ITEMS = 24
 
@@ -131,7 +132,7 @@ def served(tmp_path_factory):
     ck = load_checkpoint(domain_checkpoint(tmp_path_factory.mktemp("lm_eval") / "ckpt"))
     tok = ck.tokenizer()
     engine = Engine(ck.model, tok, max_concurrent=4, max_waiting=64).start()
-    config = ServerConfig(model_name=MODEL, max_body_bytes=1 << 20)
+    config = ServerConfig(model_name=MODEL, api_key=KEY, max_body_bytes=1 << 20)
     with BackgroundServer(create_app(engine, config, load_chat_template(ck.path))) as srv:
         yield ck, tok, srv
     engine.close()
@@ -140,8 +141,9 @@ def served(tmp_path_factory):
 def run_lm_eval(srv, tasks: list[str], include: Path, out: Path, tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(tmp / "hf"), "HF_DATASETS_CACHE": str(tmp / "hf" / "datasets"), "OMP_NUM_THREADS": "1",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    model_args = f"base_url={srv.url}/v1/completions,model={MODEL},max_length={CONTEXT},max_retries=1"
+           "OPENAI_API_KEY": KEY, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    model_args = (f"base_url={srv.url}/v1/completions,model={MODEL},max_length={CONTEXT},max_retries=1,"
+                  f"auth_token={KEY}")
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
            "--tasks", ",".join(tasks), "--include_path", str(include), "--output_path", str(out), "--log_samples",
            "--batch_size", "1"]
