@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-INSTALL_HINT = "pip install 'llguidance>=1.0'"
+INSTALL_HINT = "pip install 'llguidance>=1.9'"
 
 # JSON output style: fixed separators, no free whitespace (see the module docstring).
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False,
@@ -295,7 +295,7 @@ def check_keywords(schema, where: str = "schema", pointer: str = "#") -> None:
         raise ConstraintError(f"{where}: {pointer} must be a schema (an object or a boolean), got {_short(schema)}")
     unknown = sorted(k for k in schema if k not in _KEYWORDS and not k.startswith("x-"))
     if unknown:
-        raise ConstraintError(f"{where}: {pointer} uses {', '.join(map(repr, unknown))}, which "
+        raise ConstraintError(f"{where} at {pointer}: {', '.join(map(repr, unknown))} "
                               f"{'is not a JSON Schema keyword' if len(unknown) == 1 else 'are not JSON Schema keywords'}"
                               "; a validator would ignore it, so it cannot be enforced (a typo? extensions "
                               "start with 'x-')")
@@ -334,7 +334,10 @@ def _compile(kind: str, name: str | None, schema: dict, ll_tok, V: int, eos: int
         raise ConstraintError(f"{label}: cannot be compiled: {e}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, ll_tok)
     if is_error or messages:  # a warning means part of the schema would not be enforced
-        raise ConstraintError(f"{label}: cannot be enforced: {'; '.join(messages) or 'invalid schema'}")
+        why = "; ".join(messages) or "invalid schema"
+        if "Unimplemented" in why or "Unknown format" in why:
+            why += " (the grammar engine cannot enforce this; remove it or express it with other keywords)"
+        raise ConstraintError(f"{label}: cannot be enforced: {why}")
     template = llg.LLMatcher(ll_tok, grammar, log_level=0)
     if template.is_error():
         raise ConstraintError(f"{label}: cannot be enforced: {template.get_error()}")
