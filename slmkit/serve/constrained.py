@@ -18,18 +18,18 @@ because ignoring it would be an unenforced answer). Extension keywords starting 
 `x-guidance` cannot switch refusals off.
 
 Grammar engine: llguidance (Microsoft's Rust Earley parser with a token trie, `pip install llguidance`). Measured
-against xgrammar 0.2.9 on SmolLM2's vocabulary of 49,152 tokens (one run, four schemas, forced decoding of a
-valid instance, 2 shared CPU cores):
-  - compile per schema: llguidance 0.4-5 ms (its lexer is built lazily); xgrammar 8-540 ms (it precomputes
-    masks), which a server pays for every new schema on the request path;
-  - mask per token, median: llguidance 7-39 us, xgrammar 4-9 us; worst case about 1-4 ms for either (first
-    steps of a schema). Both are well under 1% of a 135M model's decode step on a CPU (tens of ms);
-  - tokenizer setup: about 0.2-0.5 s for either, once per tokenizer (cached here);
-  - dependencies: llguidance has none (one 8 MB wheel, no torch import); xgrammar requires torch,
-    transformers, apache-tvm-ffi and triton (several hundred MB; triton is GPU-only code) and wants a
-    `transformers` tokenizer object.
+against xgrammar 0.2.9 on SmolLM2's vocabulary of 49,152 tokens and on a 7,744-token slmkit tokenizer trained on the
+standard library (four schemas, forced decoding of a valid instance, two runs each, 2 busy CPU cores):
+  - compile per schema: llguidance 0.4-20 ms (its lexer is built lazily); xgrammar 8-540 ms (it precomputes
+    masks), which a server pays on the request path for every new schema;
+  - mask per token, median: llguidance 6-39 us, xgrammar 3-11 us; worst case 1-13 ms for either (a schema's
+    first steps). Both are far below a 135M model's decode step on a CPU (tens of ms);
+  - tokenizer setup, once per tokenizer (cached here): 0.1-0.5 s for either;
+  - dependencies: llguidance has none (one 8 MB wheel, no torch import); xgrammar requires torch, transformers,
+    apache-tvm-ffi and triton (a GPU compiler, useless on a CPU server; `pip install --dry-run xgrammar` adds it
+    here) and wants a `transformers` tokenizer object.
 Compile latency and the dependency footprint decide it; the per-token difference is noise next to the forward.
-llguidance reads slmkit's `tokenizer.json` directly and refuses unimplemented keywords by itself.
+llguidance reads slmkit's `tokenizer.json` as it is, and refuses keywords it does not implement by itself.
 """
 
 from __future__ import annotations
