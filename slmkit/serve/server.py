@@ -171,7 +171,8 @@ def create_app(engine: Engine, config: ServerConfig, chat_template=None):
         req = parse_request(TokenizeRequest, await api.guard.read_body(request))
         if req.model is not None:
             api.guard.check_model(req.model)
-        return tokenize(engine, chat_template, req)
+        # off the event loop: a text near the size limit takes tens of milliseconds to encode
+        return await asyncio.to_thread(tokenize, engine, chat_template, req)
 
     @app.post("/detokenize")
     async def post_detokenize(request: Request):
