@@ -138,7 +138,8 @@ def output_head(model: nn.Module) -> OutputHead | None:
 def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype the plain path's `lm_head(hidden)` would run its matmul in: autocast's, else the inputs'."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) and weight.dtype == torch.float32:
+    castable = (torch.float32, torch.bfloat16, torch.float16)  # autocast leaves fp64 alone
+    if torch.is_autocast_enabled(device_type) and hidden.dtype in castable and weight.dtype in castable:
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
 
@@ -212,8 +213,14 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_parts):
-        # Kept on ctx (not freed here) so that backward(retain_graph=True) may run again, as gradcheck does.
-        grads = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss's backward can run only once (its gradients were computed in the "
+                               "forward pass and handed over); for retain_graph or double backward set "
+                               "SLMKIT_CHUNKED_LOSS=0 to use the plain loss")
+        # Scaled in place and handed over (ctx drops its reference), so autograd can keep the tensor as the
+        # parameter's .grad instead of copying it: one weight-sized buffer less at the peak.
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
         return (*grads, None, None, None, None)
 
 
