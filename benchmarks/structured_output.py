@@ -194,6 +194,43 @@ def decode_rate(fins: list[Finished]) -> float:
     return sum(f.completion_tokens - 1 for f in fins) / span
 
 
+class MaskTimer:
+    """Times every mask the engine applies (engine.mask_logits_) and every row's advance, in the run itself: the
+    share of decode time the grammar takes, robust to a busy machine because both sides are the same steps."""
+
+    def __init__(self):
+        import slmkit.serve.engine as engine_module
+        from slmkit.serve.constrained import ConstraintMatcher
+
+        self.seconds, self.rows = 0.0, 0
+        self._engine, self._matcher = engine_module, ConstraintMatcher
+        self._mask, self._advance = engine_module.mask_logits_, ConstraintMatcher.advance
+
+    def __enter__(self):
+        timer = self
+
+        def mask(logits, rows, matchers):
+            t0 = time.perf_counter()
+            try:
+                return timer._mask(logits, rows, matchers)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+                timer.rows += len(rows)
+
+        def advance(matcher, token):
+            t0 = time.perf_counter()
+            try:
+                return timer._advance(matcher, token)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+
+        self._engine.mask_logits_, self._matcher.advance = mask, advance
+        return self
+
+    def __exit__(self, *exc):
+        self._engine.mask_logits_, self._matcher.advance = self._mask, self._advance
+
+
 def mask_cost(engine: Engine, label: str, items: int, repeats: int) -> None:
     tok = engine.tokenizer
     schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
@@ -201,22 +238,30 @@ def mask_cost(engine: Engine, label: str, items: int, repeats: int) -> None:
     c = compile_response_format({"type": "json_schema", "json_schema": {"name": "digits", "schema": schema}}, tok)
     prompt = engine.encode("A list of digits: ", bos=True)
     print(f"\n## mask cost, {label}: decode tokens/s, unconstrained vs constrained rows of equal length "
-          f"(medians of {repeats}, interleaved)")
-    print(f"{'batch':>5} {'free tok/s':>11} {'enforced tok/s':>15} {'ratio':>7} {'tokens/row':>11}")
+          f"(medians of {repeats}, interleaved); mask share = time in the mask and advance / decode time of the "
+          "constrained runs")
+    print(f"{'batch':>5} {'free tok/s':>11} {'enforced tok/s':>15} {'ratio':>7} {'tokens/row':>11} "
+          f"{'mask share':>11} {'us/row/step':>12}")
     for batch in (1, 8):
-        free, enforced, length = [], [], None
+        free, enforced, shares, per_row, length = [], [], [], [], None
         for r in range(repeats):
             seeds = range(batch * r, batch * (r + 1))
-            con = run_batch(engine, [EngineRequest(prompt, SamplingParams(max_new_tokens=8 * items, temperature=1.0,
-                                                                          seed=s), constraint=c) for s in seeds])
+            with MaskTimer() as timer:
+                con = run_batch(engine, [EngineRequest(prompt, SamplingParams(max_new_tokens=8 * items,
+                                                                              temperature=1.0, seed=s), constraint=c)
+                                         for s in seeds])
             assert all(f.finish_reason == "stop" for f in con)
+            span = max(f.seconds for f in con) - min(f.time_to_first_token for f in con)
+            shares.append(timer.seconds / span)
+            per_row.append(1e6 * timer.seconds / max(timer.rows, 1))
             length = min(f.completion_tokens for f in con)
             params = SamplingParams(max_new_tokens=length, temperature=1.0, stop_token_ids=[])
             fr = run_batch(engine, [EngineRequest(prompt, params) for _ in seeds])
             enforced.append(decode_rate(con))
             free.append(decode_rate(fr))
         f_med, e_med = statistics.median(free), statistics.median(enforced)
-        print(f"{batch:>5} {f_med:>11.1f} {e_med:>15.1f} {e_med / f_med:>7.3f} {length:>11}")
+        print(f"{batch:>5} {f_med:>11.1f} {e_med:>15.1f} {e_med / f_med:>7.3f} {length:>11} "
+              f"{statistics.median(shares):>11.2%} {statistics.median(per_row):>12.1f}")
 
 
 def mask_alone(tokenizer, vocab_size: int, items: int) -> None:
