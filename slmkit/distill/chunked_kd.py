@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..train.chunked_losses import OutputHead, compute_dtype, project
-from .kd_losses import combine, divergence_per_position, softened_logprobs, topk_buckets
+from .kd_losses import _WELL_CONDITIONED, combine, divergence_per_position, forward_kl, softened_logprobs, topk_buckets
 
 
 class TeacherRows:
@@ -76,16 +76,93 @@ class KDObjective:
         self.live_tensors = 6.0 + (4.0 if teacher is not None else 0.0) + (2.0 if temperature != 1 else 0.0)
 
     def value_and_grad(self, logits: Tensor, rows: slice, need_grad: bool):
+        if self.loss == "forward_kl" and self.analytic:
+            return self._forward_kl(logits, rows, need_grad)
+        return self._autograd(logits, rows, need_grad)
+
+    analytic = True  # forward KL by its closed-form gradient; False: autograd for every divergence (tests)
+
+    def _teacher_buckets(self, s_full: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        if self.topk is not None:
+            ids, logprobs, tail = (t[rows] for t in self.topk)
+            return topk_buckets(s_full, ids, logprobs, tail)  # (n, k+1) each
+        return s_full, softened_logprobs(self.teacher(rows), self.temperature)  # (n, V) each
+
+    def _forward_kl(self, z: Tensor, rows: slice, need_grad: bool):
+        """The default objective (forward KL + cross-entropy) with its gradient in closed form: the values come
+        from the same functions as `_autograd`; the gradient with respect to the logits, per row, is
+
+            d kd/dz = alpha·T·m/n_mask · (G − q·ΣG),   q = softmax(z/T), G = dKL/ds (s = log q)
+            d ce/dz = (1−alpha)·valid/n_labels · (softmax(z) − onehot(label))
+
+        Dense teacher: G = −p, ΣG = −1. Top-k buckets: G = −p_j at the top-k ids, and the student's tail
+        bucket s_tail = log(1 − Σ_top q) adds p_tail·q_j/q_tail there; ΣG is then Σ_b p_b − p_tail/q_tail, taken
+        in this form (not from Σ_top q, which cancels when the top-k hold nearly all the student's mass)."""
+        T, alpha = self.temperature, self.alpha
+        mask, labels = self.mask[rows], self.labels[rows]  # (n,)
+        valid = labels != -100
+        target = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)  # (n, 1)
+        s = softened_logprobs(z, T)  # (n, V)
+        kd = z.new_zeros(())
+        if self.with_kd:
+            s_logp, t_logp = self._teacher_buckets(s, rows)
+            per_pos = forward_kl(s_logp, t_logp)  # (n,)
+            kd = torch.where(mask, per_pos, torch.zeros_like(per_pos)).sum() / self.n_mask * (T ** 2)
+        if T == 1:
+            nll = -s.gather(1, target).squeeze(1)  # (n,)
+        else:
+            lse1 = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+            nll = (lse1 - z.gather(1, target)).squeeze(1)
+        ce = torch.where(valid, nll, torch.zeros_like(nll)).sum() / self.n_labels
+        value, parts = combine(kd, ce, alpha), torch.stack([kd, ce])
+        if not need_grad:
+            return value, parts, None
+
+        w_ce = (1.0 - alpha) / self.n_labels * valid.to(z.dtype)  # (n,)
+        w_kd = alpha * T / self.n_mask * mask.to(z.dtype) if self.with_kd else torch.zeros_like(w_ce)
+        coef = w_ce.clone() if T == 1 else torch.zeros_like(w_ce)  # multiplies q in each row
+        top_add, tail_rows = None, None
+        if self.with_kd and self.topk is not None:
+            p = t_logp.exp()  # (n, k+1)
+            s_top = s_logp[:, :-1]  # (n, k)
+            live = (p[:, -1] > 0) & mask  # rows whose tail buckets carry gradient
+            # c = log(p_tail / q_tail), in log space: q_tail may underflow where the top-k hold all the mass
+            c = torch.where(live, t_logp[:, -1] - s_logp[:, -1], torch.full_like(p[:, -1], float("-inf")))
+            # Where the top-k hold > 0.999 of the student's mass, q_i·p_tail/q_tail is formed as exp(s_i + c)
+            # for those rows alone; elsewhere it is q_i times the row's factor a = exp(c), folded into coef.
+            confident = torch.logsumexp(s_top, dim=-1) > _WELL_CONDITIONED  # (n,)
+            a = torch.where(confident, torch.zeros_like(c), c.exp())
+            coef += w_kd * (p.sum(-1) - a)
+            # Top-k entries: w_kd·(q_j·Σp − p_j); coef gave w_kd·q_j·(Σp − a), so add w_kd·(a·q_j − p_j) back.
+            a_q_top = torch.where(confident.unsqueeze(1), torch.zeros_like(s_top), (s_top + c.unsqueeze(1)).exp())
+            top_add = w_kd.unsqueeze(1) * (a_q_top - p[:, :-1])  # (n, k)
+            if bool(confident.any()):
+                tail_rows = confident.nonzero(as_tuple=True)[0]
+                ids = self.topk[0][rows][tail_rows].long()  # (r, k)
+                # exp(s_i + c) at the non-top-k entries only (the top-k's own term would overflow)
+                shifted = (s[tail_rows] + c[tail_rows].unsqueeze(1)).scatter_(1, ids, float("-inf"))
+                tail_grad = shifted.exp_().mul_(w_kd[tail_rows].unsqueeze(1))  # (r, V)
+        elif self.with_kd:
+            coef += w_kd
+        grad = s.exp_().mul_(coef.unsqueeze(1))  # (n, V), s is spent
+        if self.with_kd and self.topk is None:
+            grad.sub_(t_logp.exp_().mul_(w_kd.unsqueeze(1)))  # − p·w_kd
+        elif top_add is not None:
+            if tail_rows is not None:
+                grad.index_add_(0, tail_rows, tail_grad, alpha=-1.0)
+            grad.scatter_add_(1, self.topk[0][rows].long(), top_add)
+        if T != 1:
+            grad.add_(z.sub_(lse1).exp_().mul_(w_ce.unsqueeze(1)))  # softmax(z)·w_ce; z is spent
+        grad.scatter_add_(1, target, -w_ce.unsqueeze(1))
+        return value, parts, grad
+
+    def _autograd(self, logits: Tensor, rows: slice, need_grad: bool):
         T = self.temperature
         with torch.enable_grad():
             z = logits.requires_grad_(need_grad)  # (n, V), a fresh fp32 tensor of this chunk
             s_full = softened_logprobs(z, T)  # (n, V), formed once per chunk
             if self.with_kd:
-                if self.topk is not None:
-                    ids, logprobs, tail = (t[rows] for t in self.topk)
-                    s_logp, t_logp = topk_buckets(s_full, ids, logprobs, tail)  # (n, k+1) each
-                else:
-                    s_logp, t_logp = s_full, softened_logprobs(self.teacher(rows), T)  # (n, V) each
+                s_logp, t_logp = self._teacher_buckets(s_full, rows)
                 per_pos = divergence_per_position(self.loss, s_logp, t_logp, beta=self.beta)  # (n,)
                 # where, not multiply: a masked-out position may hold inf, and 0·inf = NaN (as kd_loss)
                 kept = torch.where(self.mask[rows], per_pos, torch.zeros_like(per_pos))

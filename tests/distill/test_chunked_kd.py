@@ -165,3 +165,20 @@ def test_hidden_state_kd_and_on_policy_keep_the_plain_path(monkeypatch):
     on_policy._fused_step = lambda *a, **k: calls.append(1) or orig(*a, **k)
     loss, _ = on_policy(student, b)
     assert torch.isfinite(loss) and not calls
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 0.8), (1.0, 0.0), (0.7, 1.0)])
+def test_closed_form_forward_kl_gradient_equals_autograd(cached, temperature, alpha, monkeypatch):
+    from slmkit.distill.chunked_kd import KDObjective
+
+    student, teacher = models()
+    step = KDStep(KDConfig(loss="forward_kl", temperature=temperature, alpha=alpha), None if cached else teacher,
+                  student_config=student.config)
+    b = batch(teacher=teacher, k=8, temperature=temperature) if cached else batch()
+    monkeypatch.setattr(KDObjective, "analytic", False)
+    ref = compare(step, student, b, monkeypatch)
+    monkeypatch.setattr(KDObjective, "analytic", True)
+    got = compare(step, student, b, monkeypatch)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-5, atol=1e-6)
