@@ -200,8 +200,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if need_w:
                     if dz_c.dtype == acc:
                         grad_w.addmm_(dz_c.T, h_c)  # (V, d)
-                    else:
-                        grad_w += (dz_c.T @ h_c).to(acc)
+                    else:  # a bf16 product added into the fp32 accumulator without an fp32 copy of it
+                        grad_w.add_(dz_c.T @ h_c)
                 if need_b:
                     grad_b += dz.sum(0).to(acc)
                 del z, dz, dz_c
