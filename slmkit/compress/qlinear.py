@@ -226,19 +226,22 @@ def cpu_capability() -> str:
 CPU_CAPABILITY = cpu_capability()
 
 
-def int8_kernel_safe(capability: str, rows: int, dtype: torch.dtype) -> bool:
-    """Whether `aten._weight_int8pack_mm` may be called for `rows` input rows of `dtype` at kernel level
-    `capability` (`cpu_capability()`).
+def int8_kernel_safe(capability: str, rows: int, dtype: torch.dtype, in_features: int | None = None) -> bool:
+    """Whether `aten._weight_int8pack_mm` may be called for `rows` input rows of `dtype` and width `in_features`
+    (None: unknown) at kernel level `capability` (`cpu_capability()`).
 
-    Why: torch 2.13's AVX-512 int8 weight-only kernel segfaults for reduced-precision (bf16) inputs of two or more
-    rows. Reproduced for input widths that are not multiples of 16 (K = 8, 24, 40, ..., 520, 1400; rows 2-16), but
-    the kernel tests also crashed at K = 64 on such a machine, so the width is not trusted to make it safe. fp32
-    inputs and single rows were fine at every width, and the AVX2 and generic kernels are fine everywhere. So on
-    AVX-512 several reduced-precision rows run the same kernel in fp32 (exact; see `_QuantizedLinear.forward`): a
-    kernel that misbehaves may cost speed, never the process."""
-    if not capability.upper().startswith("AVX512"):
+    Why: torch 2.13's AVX-512 int8 weight-only kernel fails for reduced-precision (bf16/fp16) inputs. Measured on
+    an AMD EPYC with AVX-512 BF16/VNNI (each shape probed in a fresh process): with an input width
+    that is not a multiple of 16 (K = 24, 40, 104) one row returns garbage (relative errors 1e8 to 1e37, no
+    crash) and two or more rows segfault; K = 16, 32, 48, 64, 96, 128, 576, 1536 were right at 1-16 rows. An
+    earlier machine's kernel tests also crashed at K = 64 with several rows, so several reduced-precision rows
+    are not trusted at any width. fp32 inputs are right at every width and row count, and the AVX2 and generic
+    kernels are fine everywhere. So on AVX-512 a reduced-precision input runs the same kernel in fp32 (exact;
+    see `_QuantizedLinear.forward`) unless it is one row of a width that is a multiple of 16: a kernel that
+    misbehaves may cost speed, never the process or a wrong number."""
+    if not capability.upper().startswith("AVX512") or dtype is torch.float32:
         return True
-    return rows <= 1 or dtype is torch.float32
+    return rows <= 1 and in_features is not None and in_features % 16 == 0
 _DYNAMIC_ENGINES = ("x86", "fbgemm")  # engines whose dynamic linear is fbgemm's (qnnpack's differs)
 _DYNAMIC = "dynamic"  # the kernel-cache key of the fbgemm weight object (compared by identity)
 _Q4, _Q8 = "q4", "q8"  # kernel-cache keys of cpu_kernels' prepared weights
@@ -497,7 +500,7 @@ class Int8Linear(_QuantizedLinear):
         return _INT8_MM(x2, *derived)
 
     def _kernel_safe(self, rows: int, dtype: torch.dtype) -> bool:
-        return rows <= 1 or dtype is torch.float32 or int8_kernel_safe(CPU_CAPABILITY, rows, dtype)  # batch-1 decode: no lookup
+        return dtype is torch.float32 or int8_kernel_safe(CPU_CAPABILITY, rows, dtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._decode is not None and (y := self._planned(x)) is not None:

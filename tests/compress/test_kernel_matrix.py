@@ -137,11 +137,16 @@ def test_quantized_embedding_logits(bits, dtype, rows):
 def test_int8_guard_covers_the_avx512_fault_and_nothing_else():
     for rows in (2, 3, 5, 8, 16):
         for dtype in (torch.bfloat16, torch.float16):
-            assert not int8_kernel_safe("AVX512", rows, dtype)
-    assert int8_kernel_safe("AVX512", 1, torch.bfloat16)  # one row
-    assert int8_kernel_safe("AVX512", 8, torch.float32)  # fp32 input
+            for k in (24, 64, 576):
+                assert not int8_kernel_safe("AVX512", rows, dtype, k)  # several rows: segfaults
+    for k in (8, 24, 40, 104, 1400):
+        assert not int8_kernel_safe("AVX512", 1, torch.bfloat16, k)  # one row, K % 16 != 0: wrong numbers
+    assert not int8_kernel_safe("AVX512", 1, torch.bfloat16)  # width unknown
+    for k in (16, 64, 576, 1536):
+        assert int8_kernel_safe("AVX512", 1, torch.bfloat16, k)  # one row of a whole number of 16s
+    assert int8_kernel_safe("AVX512", 8, torch.float32, 24)  # fp32 input
     for level in ("AVX2", "DEFAULT"):
-        assert int8_kernel_safe(level, 8, torch.bfloat16)
+        assert int8_kernel_safe(level, 8, torch.bfloat16, 24)
 
 
 def test_unsafe_inputs_reach_the_int8_kernel_only_in_fp32(monkeypatch):
@@ -165,9 +170,15 @@ def test_unsafe_inputs_reach_the_int8_kernel_only_in_fp32(monkeypatch):
         assert y.dtype == x.dtype
         assert torch.allclose(y.float(), F.linear(x.float(), q.dequantize(), q.bias), rtol=1e-5, atol=1e-5) \
             if x.dtype is torch.float32 else y.isfinite().all()
+    x = torch.randn(1, 40)
     with torch.no_grad():
-        q(torch.randn(1, 40))  # one row is safe in bf16
-    assert calls == [(4, torch.float32), (4, torch.float32), (1, torch.bfloat16)]
+        y = q(x)  # one row of a width that is not a multiple of 16: wrong numbers in bf16, so fp32
+        torch.testing.assert_close(y, F.linear(x, q.dequantize(), q.bias), rtol=1e-5, atol=1e-5)
+    wide = Int8Linear.from_linear(_linear(64))
+    wide.kernel_choice = "packed"
+    with torch.no_grad():
+        wide(torch.randn(1, 64))  # one row, K a multiple of 16: safe in bf16
+    assert calls == [(4, torch.float32), (4, torch.float32), (1, torch.float32), (1, torch.bfloat16)]
 
 
 # -- whole models ----------------------------------------------------------------------------------------
