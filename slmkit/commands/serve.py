@@ -138,7 +138,8 @@ def serve(
 ):
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), with continuous batching and streaming. Private by default: binds 127.0.0.1,
-    makes no outbound connections, logs no request text.
+    makes no outbound connections, logs no request text. `response_format` (json_object, json_schema) is
+    enforced token by token (needs llguidance); a schema that cannot be enforced is answered 400.
 
     Examples:
 
