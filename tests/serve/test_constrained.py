@@ -20,7 +20,6 @@ from slmkit.serve.constrained import ConstraintError, ConstraintMatcher, compile
 from slmkit.serve.engine import Engine, EngineRequest, Failed, Finished
 from slmkit.serve.generate import SamplingParams, generate
 
-pytest.importorskip("llguidance", reason="structured output needs llguidance (pip install 'slmkit[serve]')")
 
 CORPUS = ['{"name": "Ada", "age": 36, "tags": ["a", "b"]}', "def add(a, b):\n    return a + b\n",
           '[1, 2, 3, {"ok": true, "value": null}]', "The quick brown fox jumps over the lazy dog.",

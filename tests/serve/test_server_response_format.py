@@ -21,7 +21,6 @@ from slmkit.serve.chat_template import load_chat_template
 from slmkit.serve.engine import Engine
 from slmkit.serve.server import BackgroundServer, ServerConfig, create_app
 
-pytest.importorskip("llguidance", reason="structured output needs llguidance (pip install 'slmkit[serve]')")
 
 KEY = "test-key-rf"
 MODEL = "tiny-json"
