@@ -293,8 +293,8 @@ def mask_alone(tokenizer, vocab_size: int, items: int) -> None:
                 assert not failed and logits[0, t] == 0, (name, t)
                 logits.zero_()
         us = np.array(times) * 1e6
-        print(f"  {name:<14} {len(ids):>4} tokens: median {np.median(us):6.1f} us, p90 {np.percentile(us, 90):6.1f} us, "
-              f"max {us.max():7.1f} us per token")
+        print(f"  {name:<14} {len(ids):>4} tokens: median {np.median(us):6.1f} us, "
+              f"p90 {np.percentile(us, 90):6.1f} us, max {us.max():7.1f} us per token")
 
 
 def tiny_engine(tokenizer) -> Engine:

@@ -296,10 +296,9 @@ def check_keywords(schema, where: str = "schema", pointer: str = "#") -> None:
         raise ConstraintError(f"{where}: {pointer} must be a schema (an object or a boolean), got {_short(schema)}")
     unknown = sorted(k for k in schema if k not in _KEYWORDS and not k.startswith("x-"))
     if unknown:
-        raise ConstraintError(f"{where} at {pointer}: {', '.join(map(repr, unknown))} "
-                              f"{'is not a JSON Schema keyword' if len(unknown) == 1 else 'are not JSON Schema keywords'}"
-                              "; a validator would ignore it, so it cannot be enforced (a typo? extensions "
-                              "start with 'x-')")
+        what = "is not a JSON Schema keyword" if len(unknown) == 1 else "are not JSON Schema keywords"
+        raise ConstraintError(f"{where} at {pointer}: {', '.join(map(repr, unknown))} {what}; a validator would "
+                              "ignore it, so it cannot be enforced (a typo? extensions start with 'x-')")
     for key in _SCHEMA_MAPS:
         sub = schema.get(key)
         if sub is not None:

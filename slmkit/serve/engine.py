@@ -151,7 +151,9 @@ class _Row:
         self._pending = ""  # text the RowOutput released during the current push
         stop_ids = stop_token_ids(self.params, config)
         self.output = RowOutput(0, len(request.prompt_ids), tokenizer, self.params, stop_ids, self._collect)
-        self.matcher = None if request.constraint is None or request.score_only else request.constraint.matcher(stop_ids)
+        self.matcher = None  # the row's place in its grammar, when its output is constrained
+        if request.constraint is not None and not request.score_only:
+            self.matcher = request.constraint.matcher(stop_ids)
         self.generator = None
         if self.params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.params.seed)

@@ -15,7 +15,6 @@ import torch
 from slmkit.align.json_schema import validate
 from slmkit.data.tokenizer import train_tokenizer
 from slmkit.model import CausalLM, ModelConfig
-from slmkit.serve import constrained
 from slmkit.serve.constrained import ConstraintError, ConstraintMatcher, compile_response_format, mask_logits_, warm_up
 from slmkit.serve.engine import Engine, EngineRequest, Failed, Finished
 from slmkit.serve.generate import SamplingParams, generate
