@@ -35,7 +35,8 @@ constraint are untouched), on the greedy, grouped and seeded paths alike; its st
 the grammar accepts, and the row finishes with "stop" as soon as the grammar is complete. For such a row the
 reported logprobs are those of the masked distribution (the log-softmax over the tokens the grammar allowed,
 before temperature etc.), so `top_logprobs` only lists tokens that could have been chosen. A row whose matcher
-fails fails alone (`Failed`), and its slot is freed like any finished row's.
+fails fails alone (`Failed`), and its slot is freed like any finished row's. Stop strings and `max_new_tokens` still end
+a constrained row where they hit ("stop" / "length"), so its text can then be incomplete JSON.
 
 Identical prompts admitted together (the `n` choices of one request, queued at once by `submit_all`) are
 prefilled once and their cache rows copied; prompts that merely share a prefix are prefilled separately.
