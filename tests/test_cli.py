@@ -72,13 +72,29 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
     assert r.returncode == 2 and "not a checkpoint directory" in r.stderr
 
 
+def assert_shipped_file_verified(summary: dict, workdir, stdout: str) -> None:
+    """The shipped .gguf scored by llama.cpp beside slmkit's figure for its checkpoint, in the summary, on the
+    console and in the report; they agree within 0.5% (the export writes the held codes)."""
+    from slmkit.llamacpp import unavailable
+
+    shipped = summary["shipped"]
+    assert shipped["file"].endswith("model.gguf") and shipped["tokens"] > 0 and shipped["slmkit_bits_per_byte"] > 0
+    assert "shipped:" in stdout and "Shipped file" in (workdir / "report" / "report.md").read_text()
+    if unavailable() and not os.environ.get("SLMKIT_REQUIRE_LLAMA_CPP"):
+        assert "not run" in shipped["llama_cpp"]
+        return
+    assert shipped["agrees"], shipped
+    assert abs(shipped["llama_cpp_bits_per_byte"] / shipped["slmkit_bits_per_byte"] - 1) <= 0.005
+
+
 @pytest.mark.slow
 def test_quickstart_tiny_profile(tmp_path):
     r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny", "--teacher", "scratch")
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert list(summary["stages"]) == ["data", "teacher", "student", "pairs", "aligned", "aligned-int8",
-                                       "aligned-int4", "select", "report", "gguf"]
+                                       "aligned-int4", "select", "gguf", "report"]
     assert (tmp_path / "qs" / "gguf" / "model.gguf").stat().st_size > 0  # the recommended model's own codes
+    assert_shipped_file_verified(summary, tmp_path / "qs", r.stdout)
     models = summary["models"]
     assert set(models) == {"teacher (teacher)", "student", "aligned", "aligned-int8", "aligned-int4"}
     for row in models.values():
@@ -106,8 +122,9 @@ def test_quickstart_from_smollm2_tiny_profile(tmp_path):
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["teacher"] == "smollm2"
     assert list(summary["stages"]) == ["teacher", "data", "student", "pairs", "aligned", "aligned-int8",
-                                       "aligned-int4", "select", "report", "gguf"]
+                                       "aligned-int4", "select", "gguf", "report"]
     assert (tmp_path / "qs" / "gguf" / "model.gguf").stat().st_size > 0  # the recommended model's own codes
+    assert_shipped_file_verified(summary, tmp_path / "qs", r.stdout)
     student = json.loads((tmp_path / "qs" / "student" / "slmkit.json").read_text())["stages"][-1]["student"]
     assert len(student["layers"]) == 4 and len(student["block_influence"]) == 30
     models = summary["models"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -36,7 +37,12 @@ def export_gguf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint dir
                     type: str = typer.Option("auto", "--type", "-t",
                                              help="Float matrix storage: auto | f32 | f16 | q8_0 | q4_0 (norms stay "
                                                   "f32; quantized modules always keep their codes). auto: f16, or "
-                                                  "for a quantized checkpoint its own precision (exact).")):
+                                                  "for a quantized checkpoint its own precision (exact)."),
+                    verify: Optional[Path] = typer.Option(None, "--verify", help="Dataset (built with the checkpoint's "
+                                                          "tokenizer): score the written file in llama.cpp and the "
+                                                          "checkpoint in slmkit on the same held-out tokens."),
+                    verify_tokens: int = typer.Option(2048, help="Held-out tokens --verify scores (llama.cpp: "
+                                                                 "~5-15 ms each for a 135M model on 2 cores).")):
     """Write one GGUF file that llama.cpp (llama-cli, llama-server, llama-cpp-python, ollama) loads.
 
     Llama, Mistral, Phi-3 and Mixtral export as llama.cpp's `llama` architecture, Qwen2 as `qwen2`; the
@@ -53,6 +59,8 @@ def export_gguf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint dir
 
         slm export gguf runs/small-q4 runs/small-q4.gguf
 
+        slm export gguf runs/small-q4 runs/small-q4.gguf --verify runs/ds   # llama.cpp's bits/byte vs slmkit's
+
         llama-cli -m runs/small-q8_0.gguf -p "def fib(n):"
     """
     from ..export import export_gguf
@@ -63,6 +71,13 @@ def export_gguf_cmd(ckpt: Path = typer.Argument(..., help="slmkit checkpoint dir
     held = f", {len(result.held_tensors)} from quantized codes" if result.held_tensors else ""
     out_console.print(f"wrote {result.path} ({result.architecture}, {result.file_type}, "
                       f"{len(result.tensor_types)} tensors{held}, {result.bytes:,} bytes)")
+    if verify is not None:
+        from ..export.verify import describe, verify_gguf
+
+        check = verify_gguf(result.path, ckpt, verify, tokens=verify_tokens)
+        out_console.print(describe(check))
+        if check.get("agrees") is False:
+            raise typer.Exit(1)
 
 
 @import_app.command("hf")

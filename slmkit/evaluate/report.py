@@ -188,6 +188,13 @@ def write_report(out_dir: str | Path, *, title: str, records: list[dict], select
         sections.append(("Recommendation", body))
         header, rows = candidates_table(selection)
         sections.append(("Candidates", _md_table(header, rows)))
+    shipped = [r for r in records if r.get("kind") == "export" and "slmkit_bits_per_byte" in r.get("metrics", {})]
+    if shipped:
+        from ..export.verify import describe
+
+        sections.append(("Shipped file", "\n".join(
+            f"- `{r['metrics'].get('file', r.get('output', ''))}` ({_bytes(r['metrics']['bytes'])}): "
+            f"{describe(r['metrics'])}" for r in shipped)))
     plots = [(n, t) for n, t in (("pareto_bytes", "Quality vs size"), ("pareto_speed", "Quality vs decode speed"),
                                  ("training_curves", "Training curves")) if n in images]
     if plots:

@@ -33,7 +33,7 @@ PROFILES: dict[str, list[str]] = {
              "teacher.model=micro", "teacher.steps=30", "student.steps=10",
              "pairs.limit=8", "pairs.k=4", "pairs.max_new_tokens=24", "pairs.verifier=teacher:ckpt=@teacher",
              "aligned.steps=4", "aligned.batch_size=4",
-             'aligned-int4.passes=["quant.int4:group_size=64,embeddings=true"]',  # micro: hidden 64
+             'aligned-int4.passes=["quant.int4:group_size=64,format=q4_1,embeddings=true"]',  # micro: hidden 64
              "select.items=16", "select.tasks=[lm,next-line,function-parse]", "select.max_new_tokens=24", "select.max_tokens=4096", "select.seq_len=128",
              "select.bench_prompt_len=16", "select.bench_new_tokens=8", "select.bench_repeats=1",
              "select.budget=bytes<=150KB"],
@@ -104,6 +104,9 @@ def run_quickstart(out: str | Path, *, profile: str = "default", force: tuple[st
                              for n, r in selection["references"].items()}, **selection["candidates"]},
                "report": str(recipe.workdir / "report" / "report.html")}
     summary["versus_teacher"] = _versus_teacher(selection)
+    shipped = [r for r in records if r.kind == "export" and "slmkit_bits_per_byte" in r.metrics]
+    if shipped:
+        summary["shipped"] = {**shipped[-1].metrics, "file": shipped[-1].metrics.get("file", shipped[-1].output)}
     (recipe.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
     return summary
@@ -150,6 +153,11 @@ def _print_summary(s: dict) -> None:
         if "next_line_acc_share" in vs:
             line += f", {vs['next_line_acc_share']:.0%} of the teacher's next-line accuracy"
         console.print(line)
+    if s.get("shipped"):
+        from ..export.verify import describe
+
+        console.print(f"shipped: {s['shipped']['file']} ({s['shipped']['bytes'] / 1e6:.1f} MB): "
+                      f"{describe(s['shipped'])}", markup=False, highlight=False)
     for reason in s["reasons"]:
         console.print(f"- {reason}", markup=False, highlight=False)
     stages = ", ".join(f"{n} {v['seconds']:.0f}s" + (" (cached)" if v["cached"] else "") for n, v in s["stages"].items())

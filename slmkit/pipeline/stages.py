@@ -439,6 +439,8 @@ class ExportOptions:
     ckpt: str
     format: str = "hf"  # hf | gguf
     type: str = "auto"  # gguf: how float matrices are stored (auto | f32 | f16 | q8_0 | q4_0); quantized ones keep their codes
+    verify: str | None = None  # gguf: a dataset; the file is scored in llama.cpp beside the checkpoint in slmkit
+    verify_tokens: int = 2048
 
 
 def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
@@ -452,7 +454,13 @@ def run_export(opts: ExportOptions, out: Path, ctx: RunContext) -> dict:
 
         target = out / ("model.gguf" if opts.type == "auto" else f"model-{opts.type}.gguf")
         export_gguf(opts.ckpt, target, type=opts.type)
-        return {"format": "gguf", "type": opts.type, "bytes": target.stat().st_size}
+        result = {"format": "gguf", "type": opts.type, "bytes": target.stat().st_size}
+        if opts.verify:
+            from ..export.verify import verify_gguf
+
+            check = verify_gguf(target, opts.ckpt, opts.verify, tokens=opts.verify_tokens)
+            result.update({k: v for k, v in check.items() if k != "gguf_bytes"}, file=str(target))
+        return result
     raise RecipeError(f"{ctx.recipe.source}: export format must be hf or gguf, not {opts.format!r}")
 
 
