@@ -49,6 +49,9 @@ class _SamplingRequest(_Strict):
     # int64, as OpenAI's API documents it; `n` samples use seed, seed + 1, ... which stays inside the
     # range torch.Generator accepts ([-2**63, 2**64 - 1]), so no seed reaches the engine as a 500.
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked and compiled (or refused
+    # with a 400) by serve/constrained.py, which enforces it per token.
+    response_format: dict | None = None
 
     @field_validator("stop")
     @classmethod

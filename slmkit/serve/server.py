@@ -336,10 +336,24 @@ class _Api:
         # when it is the end-of-sequence token, which the engine otherwise drops with its logprob: clients slice
         # `token_logprobs[ctxlen:-1]`, so one entry per prompt token plus exactly one more.
         stop_ids = [] if self._one_scored_token(req) else None
+        constraint = self._constraint(req)
         requests = [EngineRequest(ids, self._params(req, max(max_tokens, 1), j, stop_ids), logprobs=req.logprobs,
-                                  prompt_logprobs=req.logprobs if score else None, score_only=max_tokens == 0)
+                                  prompt_logprobs=req.logprobs if score else None, score_only=max_tokens == 0,
+                                  constraint=constraint)
                     for ids, _ in prompts for j in range(req.n)]
         return prompts, requests
+
+    def _constraint(self, req):
+        """The compiled `response_format` (None: unconstrained); one that cannot be enforced is a 400 naming why,
+        never an unenforced answer."""
+        if req.response_format is None:
+            return None
+        from .constrained import ConstraintError, compile_response_format
+
+        try:
+            return compile_response_format(req.response_format, self.tokenizer)
+        except ConstraintError as e:
+            raise ApiError(400, str(e), param="response_format") from None
 
     @staticmethod
     def _one_scored_token(req: CompletionRequest) -> bool:
@@ -435,8 +449,10 @@ class _Api:
         self.guard.check_n(req.n, 1)
         self.guard.check_prompt(ids, max_tokens, "messages")
         top = req.top_logprobs or 0
+        constraint = self._constraint(req)
         requests = [EngineRequest(ids, self._params(req, max_tokens, j, self.chat_stop_ids),
-                                  logprobs=top if req.logprobs else None) for j in range(req.n)]
+                                  logprobs=top if req.logprobs else None, constraint=constraint)
+                    for j in range(req.n)]
         return ids, requests
 
     async def finish_chat(self, job: _Job, req: ChatRequest, prompt_ids, request) -> dict:
