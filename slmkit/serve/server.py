@@ -353,7 +353,7 @@ class _Api:
         try:
             return compile_response_format(req.response_format, self.tokenizer)
         except ConstraintError as e:
-            raise ApiError(400, str(e), param="response_format") from None
+            raise ApiError(400, str(e), param="response_format", code="invalid_value") from None
 
     @staticmethod
     def _one_scored_token(req: CompletionRequest) -> bool:
@@ -592,6 +592,10 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
                 "required" if api_key else "off", "on" if template else "off (no chat_template)")
     if not api_key and not is_loopback(host):
         log.warning("--insecure: %s is reachable beyond this machine and needs no API key", host)
+    from .constrained import warm_up
+
+    if why := warm_up(engine.tokenizer):  # the grammar engine's tokenizer view, built now, not on a request
+        log.warning("response_format is unavailable (requests that ask for it get a 400): %s", why)
     with engine:
         uvicorn.run(app, host=host, port=port, log_level="info" if log_requests else "warning",
                     access_log=False, timeout_graceful_shutdown=5)  # the access lines are _RequestContext's
