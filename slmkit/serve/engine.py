@@ -39,11 +39,22 @@ fails fails alone (`Failed`), and its slot is freed like any finished row's. Sto
 a constrained row where they hit ("stop" / "length"), so its text can then be incomplete JSON.
 
 Identical prompts admitted together (the `n` choices of one request, queued at once by `submit_all`) are
-prefilled once and their cache rows copied; prompts that merely share a prefix are prefilled separately.
+prefilled once and their cache rows copied.
+
+Prompt-prefix reuse across requests (prefix_cache.py): after a prefill, the K/V of every complete block of
+`prefix_block` prompt tokens is kept in an LRU store keyed by the hash chain of the block tokens, within
+`prefix_cache_mb`. A newcomer takes the longest run of its leading blocks found there (always leaving its last
+prompt token to compute): in the left-padded prefill batch the columns before the first one that some row
+still has to compute are copied in from the store instead of computed, and the prefill (chunked as usual)
+starts at that column. A row that reused less than others recomputes the difference, as a short row computes
+padding. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which stored K/V
+cannot give, so they never read from the store (they still add their blocks to it). Models whose cache is not
+a plain KV cache (Linformer, Transformer-XL memory) bypass the store, as the log says at start.
 
 Limits of this design: newcomers arriving during a chunked prefill wait for it to end; chunks of one
-prefill run in sequence with the decode steps, not fused with them into one forward pass; and there is no
-prefix cache across requests. Linformer models compress the cache in fixed blocks of cache columns, so
+prefill run in sequence with the decode steps, not fused with them into one forward pass; prompts admitted
+together that share a prefix nobody has prefilled yet each compute it (the store fills when their prefill
+ends), and generated tokens are not stored, only prompts. Linformer models compress the cache in fixed blocks of cache columns, so
 under padding their batched outputs match the unbatched ones only approximately (see
 slmkit/model/linformer.py).
 """
@@ -52,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -65,8 +77,12 @@ from ..compress.fuse import fuse_projections
 from ..model.cache import KVCache
 from .constrained import CompiledConstraint, ConstraintError, mask_logits_
 from .generate import RowOutput, SamplingParams, apply_repetition_penalty, left_pad, sample_next, stop_token_ids
+from .prefix_cache import PrefixCache, unsupported_reason
 
 log = logging.getLogger("slmkit.serve.engine")
+
+PREFIX_CACHE_MB = 256.0  # default store for prompt-prefix K/V; the SLM_PREFIX_CACHE_MB variable overrides it
+PREFIX_BLOCK = 64  # prompt tokens per stored block: the granularity of reuse
 
 
 class EngineBusy(RuntimeError):
@@ -259,6 +275,17 @@ class _Batch:
         return self
 
 
+def _env_prefix_cache_mb() -> float:
+    raw = os.environ.get("SLM_PREFIX_CACHE_MB")
+    if raw is None or not raw.strip():
+        return PREFIX_CACHE_MB
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"SLM_PREFIX_CACHE_MB={raw!r} is not a number of megabytes (0 turns the prefix cache "
+                         "off)") from None
+
+
 def _merge(model, a: _Batch | None, b: _Batch) -> _Batch:
     """One batch holding a's rows then b's, both right-aligned in a cache with room for every row's
     remaining tokens."""
@@ -288,7 +315,9 @@ class _Prefill:
     positions: torch.Tensor | None
     cache: KVCache
     scoring: bool  # some row wants prompt logprobs: keep every position's logits
-    done: int = 0  # columns prefilled so far
+    done: int = 0  # columns prefilled so far (columns before `start` came from the prefix cache)
+    start: int = 0  # first column computed; logits[:, 0] is that column's
+    prompts: list[list[int]] = field(default_factory=list)  # prefill row i's prompt
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -300,14 +329,23 @@ class Engine:
     `submit(request, on_event)` queues a request; `on_event` is called from the scheduler thread with
     `Delta`s, then one `Finished` (or `Failed`). At most `max_concurrent` sequences decode together; up to
     `max_waiting` more wait, and `submit` raises `EngineBusy` beyond that. `dtype` (e.g. torch.bfloat16)
-    runs the model under autocast with a KV cache of that dtype, as in `generate`."""
+    runs the model under autocast with a KV cache of that dtype, as in `generate`. `prefix_cache_mb` bounds
+    the store of prompt-prefix K/V reused across requests (None: $SLM_PREFIX_CACHE_MB or `PREFIX_CACHE_MB`;
+    0 turns it off), kept in blocks of `prefix_block` tokens."""
 
     def __init__(self, model, tokenizer, *, max_concurrent: int = 8, max_waiting: int = 64,
-                 dtype: torch.dtype | None = None, prefill_chunk: int | None = 256):
+                 dtype: torch.dtype | None = None, prefill_chunk: int | None = 256,
+                 prefix_cache_mb: float | None = None, prefix_block: int = PREFIX_BLOCK):
         if max_concurrent < 1 or max_waiting < 0:
             raise ValueError(f"max_concurrent must be >= 1 and max_waiting >= 0, got {max_concurrent}, {max_waiting}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 (or None: whole prompts), got {prefill_chunk}")
+        if prefix_cache_mb is None:
+            prefix_cache_mb = _env_prefix_cache_mb()
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
+        if prefix_block < 1:
+            raise ValueError(f"prefix_block must be >= 1, got {prefix_block}")
         self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         fuse_projections(model)  # quantized q/k/v and gate/up as one matmul each (compress/fuse.py)
@@ -327,6 +365,12 @@ class Engine:
         self.steps = 0  # decode steps run (for tests and stats)
         self.prefill_rows = 0  # prompts prefilled (identical prompts admitted together count once)
         self.share_prefill = True  # prefill identical prompts once (off: for comparisons)
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_mb > 0:
+            if why := unsupported_reason(model):
+                log.warning("prefix cache off for this model: %s", why)
+            else:
+                self.prefix_cache = PrefixCache(prefix_block, int(prefix_cache_mb * 2**20))
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -348,9 +392,16 @@ class Engine:
         self.close()
 
     def stats(self) -> dict[str, int]:
+        pc = self.prefix_cache
         with self._cond:
             return {"running": self._running, "waiting": len(self._waiting),
-                    "max_concurrent": self.max_concurrent, "max_waiting": self.max_waiting}
+                    "max_concurrent": self.max_concurrent, "max_waiting": self.max_waiting,
+                    "prefix_cache_lookups": pc.lookups if pc else 0,  # prompts looked up
+                    "prefix_cache_hits": pc.hits if pc else 0,  # prompts that reused at least one block
+                    "prefix_cache_tokens_reused": pc.tokens_reused if pc else 0,  # prompt tokens not prefilled
+                    "prefix_cache_bytes": pc.bytes if pc else 0,  # K/V bytes held
+                    "prefix_cache_blocks": len(pc) if pc else 0,
+                    "prefix_cache_evictions": pc.evictions if pc else 0}
 
     # -- submitting --------------------------------------------------------------------------------
 
@@ -524,8 +575,46 @@ class Engine:
         room = max(1, max(r.remaining for r in rows))
         cache = self.model.new_cache(len(prefill), input_ids.shape[1] + room, dtype=self._cache_dtype)
         self.prefill_rows += len(prefill)
-        return _Prefill(rows, src, input_ids, mask, positions, cache,
-                        scoring=any(r.request.prompt_logprobs is not None for r in rows))
+        scores = [r.request.prompt_logprobs is not None for r in rows]
+        if src is not None:  # a prefill row needs every position's logits if any of its copies does
+            scores = [any(s for s, j in zip(scores, src) if j == i) for i in range(len(prefill))]
+        start = self._reuse_prefixes(prefill, scores, cache) if self.prefix_cache is not None else 0
+        return _Prefill(rows, src, input_ids, mask, positions, cache, scoring=any(scores), done=start, start=start,
+                        prompts=prefill)
+
+    def _reuse_prefixes(self, prompts: list[list[int]], scoring: list[bool], cache: KVCache) -> int:
+        """Copy the cached leading blocks of left-padded `prompts` into `cache` and return the first column that
+        must be computed: the earliest column whose row has no cached K/V for it (rows that want prompt logprobs
+        compute all of theirs). The cache's length is set to that column."""
+        store, S = self.prefix_cache, max(len(p) for p in prompts)
+        found = [[] if wants else store.lookup(p) for p, wants in zip(prompts, scoring)]
+        B = store.block_size
+        start = min(S - len(p) + B * len(blocks) for p, blocks in zip(prompts, found))  # (S - n) + cached
+        for i, (p, blocks) in enumerate(zip(prompts, found)):
+            first = S - len(p)  # the row's first column
+            store.count(max(0, start - first))
+            need = start - first  # the row's columns before `start`: all of them cached
+            if need <= 0:
+                continue
+            use = -(-need // B)  # blocks reaching into them; later ones are recomputed anyway
+            kv = torch.cat(blocks[:use], dim=3) if use > 1 else blocks[0]  # (2, layers, n_kv, use * B, hd)
+            for layer in range(len(cache.keys)):
+                cache.keys[layer][i, :, first:start] = kv[0, layer, :, :need]
+                cache.values[layer][i, :, first:start] = kv[1, layer, :, :need]
+        cache.length = start
+        return start
+
+    def _store_prefixes(self, p: "_Prefill") -> None:
+        """Offer every prompt of a finished prefill to the prefix cache (its rows sit in p.cache, right-aligned
+        at column S)."""
+        S = p.input_ids.shape[1]
+        for i, ids in enumerate(p.prompts):
+            first = S - len(ids)
+
+            def rows(a: int, b: int, i=i, first=first) -> torch.Tensor:  # (2, layers, n_kv, b - a, hd)
+                return torch.stack([torch.stack([k[i, :, first + a:first + b] for k in p.cache.keys]),
+                                    torch.stack([v[i, :, first + a:first + b] for v in p.cache.values])])
+            self.prefix_cache.insert(ids, rows)
 
     def _prefill_step(self, p: "_Prefill") -> bool:
         """Run the next chunk of `p` (at most `prefill_chunk` tokens: running rows decode between chunks, so a
@@ -546,7 +635,9 @@ class Engine:
     def _finish_prefill(self, p: "_Prefill") -> None:
         """Sample the first token of every row of a complete prefill and merge the survivors into the batch."""
         rows, input_ids, mask, cache = p.rows, p.input_ids, p.mask, p.cache
-        logits = torch.cat(p.logits, dim=1) if len(p.logits) > 1 else p.logits[0]  # (u, S or 1, V)
+        if self.prefix_cache is not None:
+            self._store_prefixes(p)
+        logits = torch.cat(p.logits, dim=1) if len(p.logits) > 1 else p.logits[0]  # (u, S - start or 1, V)
         if p.src is not None:  # every row gets its prompt's cache and logits: (b, ...)
             sel = torch.tensor(p.src, device=self.device)
             cache.select_rows(sel)
@@ -557,7 +648,7 @@ class Engine:
         for i, r in enumerate(rows):  # prompt logprobs: position t predicts token t + 1
             if r.request.prompt_logprobs is not None:
                 n = len(prompts[i])
-                lp = logits[i, S - n:S - 1].float().log_softmax(-1)  # (n - 1, V)
+                lp = logits[i, S - n - p.start:S - 1 - p.start].float().log_softmax(-1)  # (n - 1, V)
                 r.prompt_logprobs = [None] + _token_logprobs(lp, input_ids[i, S - n + 1:], r.request.prompt_logprobs)
         last = logits[:, -1].float()  # (b, V)
         live = []

@@ -41,6 +41,21 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+# engine.stats() key -> metric (the prefix cache's counters are 0 when it is off or the engine has none).
+PREFIX_CACHE_METRICS = (
+    ("prefix_cache_lookups", "slmkit_prefix_cache_lookups_total", "counter",
+     "Prompts looked up in the prefix cache."),
+    ("prefix_cache_hits", "slmkit_prefix_cache_hits_total", "counter",
+     "Prompts that reused at least one cached block of prompt-prefix K/V."),
+    ("prefix_cache_tokens_reused", "slmkit_prefix_cache_reused_tokens_total", "counter",
+     "Prompt tokens taken from the prefix cache instead of being prefilled."),
+    ("prefix_cache_evictions", "slmkit_prefix_cache_evictions_total", "counter",
+     "Blocks evicted from the prefix cache to stay within its budget."),
+    ("prefix_cache_bytes", "slmkit_prefix_cache_bytes", "gauge", "Bytes of K/V held by the prefix cache."),
+    ("prefix_cache_blocks", "slmkit_prefix_cache_blocks", "gauge", "Blocks held by the prefix cache."),
+)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
@@ -185,7 +200,8 @@ class MetricsRegistry:
 
 class ServerMetrics:
     """The metrics of one `slm serve`: HTTP requests and errors, tokens, the engine's queue, latencies.
-    `engine_stats` returns the engine's `stats()` (running, waiting, max_concurrent, max_waiting) and
+    `engine_stats` returns the engine's `stats()` (running, waiting, max_concurrent, max_waiting, the prefix
+    cache's counters) and
     `engine_steps` its decode-step count; both are read at scrape time."""
 
     def __init__(self, engine_stats: Callable[[], dict], engine_steps: Callable[[], int] = lambda: 0):
@@ -217,6 +233,8 @@ class ServerMetrics:
                 lambda: stats()["max_concurrent"])
         r.gauge("slmkit_engine_decode_steps_total", "Decode steps the engine has run (one forward pass for the "
                 "whole running batch).", lambda: engine_steps(), kind="counter")
+        for key, name, kind, text in PREFIX_CACHE_METRICS:
+            r.gauge(name, text, lambda key=key: stats().get(key, 0), kind=kind)
 
     def observe_http(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.inc(endpoint=endpoint, method=method, status=str(status))
