@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -124,6 +125,9 @@ def serve(
     prefill_chunk: int = typer.Option(256, help="Prompt tokens prefilled per step; running streams decode "
                                       "between chunks, so a long prompt never stalls them for its whole prefill "
                                       "(0: whole prompts at once)."),
+    prefix_cache_mb: float = typer.Option(256.0, "--prefix-cache-mb", envvar="SLM_PREFIX_CACHE_MB",
+                                          help="Memory for the K/V of prompt prefixes reused across requests "
+                                               "(system prompts, few-shot examples), in MB; 0 turns it off."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted (413 beyond)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt accepted (default: the context)."),
     max_n: int = typer.Option(8, help="Largest `n` (samples per prompt) accepted."),
@@ -163,6 +167,12 @@ def serve(
 
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    if prefix_cache_mb < 0:
+        err_console.print(f"[bold red]error:[/] --prefix-cache-mb must be >= 0 (0 turns it off), got {prefix_cache_mb}",
+                          highlight=False)
+        raise typer.Exit(2)
+    # The engine that `serve` builds reads its prefix-cache budget from SLM_PREFIX_CACHE_MB (engine.py).
+    os.environ["SLM_PREFIX_CACHE_MB"] = repr(prefix_cache_mb)
     run_server(ckpt, host=host, port=port, api_key=api_key, max_concurrent=max_concurrent, max_waiting=max_queue,
                prefill_chunk=prefill_chunk or None, max_body_bytes=max_body_bytes,
                max_prompt_tokens=max_prompt_tokens, max_n=max_n, log_requests=log_requests, dtype=dtype,

@@ -46,16 +46,17 @@ Prompt-prefix reuse across requests (prefix_cache.py): after a prefill, the K/V 
 `prefix_cache_mb`. A newcomer takes the longest run of its leading blocks found there (always leaving its last
 prompt token to compute): in the left-padded prefill batch the columns before the first one that some row
 still has to compute are copied in from the store instead of computed, and the prefill (chunked as usual)
-starts at that column. A row that reused less than others recomputes the difference, as a short row computes
-padding. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which stored K/V
+starts at that column: the earliest column some row still needs, so a row whose cached run reaches further
+recomputes the rest of it (as a short row computes padding), and a long uncached row admitted alongside limits
+what the others reuse. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which stored K/V
 cannot give, so they never read from the store (they still add their blocks to it). Models whose cache is not
 a plain KV cache (Linformer, Transformer-XL memory) bypass the store, as the log says at start.
 
 Limits of this design: newcomers arriving during a chunked prefill wait for it to end; chunks of one
 prefill run in sequence with the decode steps, not fused with them into one forward pass; prompts admitted
 together that share a prefix nobody has prefilled yet each compute it (the store fills when their prefill
-ends), and generated tokens are not stored, only prompts. Linformer models compress the cache in fixed blocks of cache columns, so
-under padding their batched outputs match the unbatched ones only approximately (see
+ends), and generated tokens are not stored, only prompts. Linformer models compress the cache in fixed blocks of
+cache columns, so under padding their batched outputs match the unbatched ones only approximately (see
 slmkit/model/linformer.py).
 """
 
