@@ -150,6 +150,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (every arm once per round)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in every arm")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-time", action="store_true", help="memory arms only")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -168,6 +169,11 @@ def main() -> None:
             print(f"  memory {arm:18s} step peak {memory[arm]['step_peak_mib']:8.0f} MiB "
                   f"(process {memory[arm]['process_peak_mib']:.0f} MiB, {memory[arm]['method']})", flush=True)
 
+    if args.skip_time:
+        for kind in ("lm", "kd online", "kd cache"):
+            r = memory[kind + " chunked"]["step_peak_mib"] / memory[kind + " plain"]["step_peak_mib"]
+            print(f"{kind:10s} chunked/plain step peak memory {r:.2f}x")
+        return
     setup = Setup(args, {"online", "cache"})
     for arm in ARMS:  # warm-up
         setup.step(arm)

@@ -54,6 +54,7 @@ class KDObjective:
     averages over. Exactly one of `teacher` (online rows) and `topk` (ids, log-probs, tail from a cache) unless
     `alpha == 0`, when no KD term is formed (kd reported as 0), as in KDStep."""
     part_names = ("kd", "ce")
+    analytic = True  # forward KL by its closed-form gradient; False: autograd for every divergence (tests)
 
     def __init__(self, loss: str, *, temperature: float, beta: float, alpha: float, labels: Tensor, mask: Tensor,
                  teacher: TeacherRows | None = None, topk: tuple[Tensor, Tensor, Tensor] | None = None):
@@ -80,8 +81,6 @@ class KDObjective:
             return self._forward_kl(logits, rows, need_grad)
         return self._autograd(logits, rows, need_grad)
 
-    analytic = True  # forward KL by its closed-form gradient; False: autograd for every divergence (tests)
-
     def _teacher_buckets(self, s_full: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         if self.topk is not None:
             ids, logprobs, tail = (t[rows] for t in self.topk)
@@ -96,8 +95,10 @@ class KDObjective:
             d ce/dz = (1−alpha)·valid/n_labels · (softmax(z) − onehot(label))
 
         Dense teacher: G = −p, ΣG = −1. Top-k buckets: G = −p_j at the top-k ids, and the student's tail
-        bucket s_tail = log(1 − Σ_top q) adds p_tail·q_j/q_tail there; ΣG is then Σ_b p_b − p_tail/q_tail, taken
-        in this form (not from Σ_top q, which cancels when the top-k hold nearly all the student's mass)."""
+        bucket adds −p_tail·q_i/q_tail at every other id (s_tail = log Σ_non-top q), and ΣG = −Σ_b p_b. So
+        d kd/dz ∝ q·Σp − p_j at the top-k ids and q_i·(Σp − p_tail/q_tail) elsewhere. p_tail·q_i/q_tail is formed
+        as q_i·exp(c), c = log p_tail − log q_tail, except in rows where the top-k hold > 0.999 of the student's
+        mass (q_tail may underflow there; the plain path switches to its exact tail there too): exp(s_i + c)."""
         T, alpha = self.temperature, self.alpha
         mask, labels = self.mask[rows], self.labels[rows]  # (n,)
         valid = labels != -100
