@@ -597,24 +597,25 @@ class Engine:
             need = start - first  # the row's columns before `start`: all of them cached
             if need <= 0:
                 continue
-            use = -(-need // B)  # blocks reaching into them; later ones are recomputed anyway
-            kv = torch.cat(blocks[:use], dim=3) if use > 1 else blocks[0]  # (2, layers, n_kv, use * B, hd)
-            for layer in range(len(cache.keys)):
-                cache.keys[layer][i, :, first:start] = kv[0, layer, :, :need]
-                cache.values[layer][i, :, first:start] = kv[1, layer, :, :need]
+            for j in range(-(-need // B)):  # the blocks reaching into them; later ones are recomputed anyway
+                a, b = first + j * B, min(first + (j + 1) * B, start)
+                kv = blocks[j]  # (2, layers, n_kv, B, hd)
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][i, :, a:b] = kv[0, layer, :, :b - a]
+                    cache.values[layer][i, :, a:b] = kv[1, layer, :, :b - a]
         cache.length = start
         return start
 
-    def _store_prefixes(self, p: "_Prefill") -> None:
-        """Offer every prompt of a finished prefill to the prefix cache (its rows sit in p.cache, right-aligned
-        at column S)."""
+    def _store_prefixes(self, p: "_Prefill", keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Offer every prompt of a finished prefill to the prefix cache. keys, values: the prefill's per-layer
+        (u, n_kv, L, hd) tensors, prompt i right-aligned at column S."""
         S = p.input_ids.shape[1]
         for i, ids in enumerate(p.prompts):
             first = S - len(ids)
 
             def rows(a: int, b: int, i=i, first=first) -> torch.Tensor:  # (2, layers, n_kv, b - a, hd)
-                return torch.stack([torch.stack([k[i, :, first + a:first + b] for k in p.cache.keys]),
-                                    torch.stack([v[i, :, first + a:first + b] for v in p.cache.values])])
+                return torch.stack([torch.stack([k[i, :, first + a:first + b] for k in keys]),
+                                    torch.stack([v[i, :, first + a:first + b] for v in values])])
             self.prefix_cache.insert(ids, rows)
 
     def _prefill_step(self, p: "_Prefill") -> bool:
@@ -634,10 +635,19 @@ class Engine:
         return end == S
 
     def _finish_prefill(self, p: "_Prefill") -> None:
-        """Sample the first token of every row of a complete prefill and merge the survivors into the batch."""
+        """Sample the first token of every row of a complete prefill and merge the survivors into the batch; then
+        offer its prompts to the prefix cache (after the first tokens are out, so storing adds nothing to their
+        time to first token). The prefill's per-layer tensors are taken first: the rows leave them untouched
+        (select_rows and the merge copy, and no decode step runs in between)."""
+        kv = (list(p.cache.keys), list(p.cache.values)) if self.prefix_cache is not None else None
+        try:
+            self._sample_first_tokens(p)
+        finally:
+            if kv is not None:
+                self._store_prefixes(p, *kv)
+
+    def _sample_first_tokens(self, p: "_Prefill") -> None:
         rows, input_ids, mask, cache = p.rows, p.input_ids, p.mask, p.cache
-        if self.prefix_cache is not None:
-            self._store_prefixes(p)
         logits = torch.cat(p.logits, dim=1) if len(p.logits) > 1 else p.logits[0]  # (u, S - start or 1, V)
         if p.src is not None:  # every row gets its prompt's cache and logits: (b, ...)
             sel = torch.tensor(p.src, device=self.device)

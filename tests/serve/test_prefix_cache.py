@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -65,6 +66,18 @@ def greedy(n: int = 6) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=[])
 
 
+def settled(engine: Engine, timeout: float = 20.0) -> dict:
+    """The engine's stats once its scheduler is idle: a prefill's blocks are stored after its rows' first tokens
+    (and so possibly after a one-token request has finished), within the same scheduler iteration."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return stats
+        time.sleep(0.005)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
 def collect(engine: Engine, requests: list[EngineRequest]) -> list[Finished]:
     """Queue `requests` at once (admitted together) and wait for all of them."""
     results: dict[int, Finished] = {}
@@ -89,7 +102,7 @@ def run_batches(model, tokenizer, batches: list[list[EngineRequest]], **kw) -> t
     for mb in (4.0, 0):
         with Engine(model, tokenizer, max_concurrent=8, prefix_cache_mb=mb, prefix_block=BLOCK, **kw) as eng:
             out.append([collect(eng, [copy.copy(r) for r in batch]) for batch in batches])
-            stats.append(eng.stats())
+            stats.append(settled(eng))
     return out, stats
 
 
@@ -164,7 +177,7 @@ def test_eviction_under_a_tiny_budget_keeps_outputs_and_the_budget(model, tokeni
     for budget in (mb, 0):
         with Engine(model, tokenizer, prefix_cache_mb=budget, prefix_block=BLOCK) as eng:
             outs.append([eng.run(EngineRequest(prompts[i], greedy(), logprobs=1)) for i in order])
-            stats = eng.stats()
+            stats = settled(eng)
             if budget:
                 assert stats["prefix_cache_evictions"] > 0 and stats["prefix_cache_hits"] > 0
                 assert stats["prefix_cache_bytes"] <= 3 * block_bytes and stats["prefix_cache_blocks"] <= 3
@@ -177,9 +190,9 @@ def test_echo_rows_never_read_the_cache_but_fill_it(model, tokenizer):
             Engine(model, tokenizer, prefix_cache_mb=0) as off:
         echo = EngineRequest(prefix + ids(4, 14), greedy(1), prompt_logprobs=3, logprobs=1)
         first = on.run(echo)
-        assert on.stats()["prefix_cache_blocks"] == 3  # an echo prefill stores its blocks
+        assert settled(on)["prefix_cache_blocks"] == 3  # an echo prefill stores its blocks
         again = on.run(echo)  # its prefix is cached now, but every prompt position needs its logits
-        assert on.stats()["prefix_cache_tokens_reused"] == 0
+        assert settled(on)["prefix_cache_tokens_reused"] == 0
         ref = off.run(echo)
         assert_same([first, again], [ref, ref])
         assert len(again.prompt_logprobs) == len(echo.prompt_ids) and again.prompt_logprobs[0] is None
@@ -187,7 +200,7 @@ def test_echo_rows_never_read_the_cache_but_fill_it(model, tokenizer):
         assert_same([on.run(score)], [off.run(score)])
         plain = EngineRequest(prefix + ids(2, 16), greedy(), logprobs=1)  # a normal row reuses what echo stored
         assert_same([on.run(plain)], [off.run(plain)])
-        assert on.stats()["prefix_cache_tokens_reused"] == 3 * BLOCK
+        assert settled(on)["prefix_cache_tokens_reused"] == 3 * BLOCK
 
 
 def test_bf16_engine_reuses_its_own_dtype_rows(model, tokenizer):
@@ -228,7 +241,7 @@ def test_models_without_a_plain_kv_cache_bypass_it_and_say_why(tokenizer, caplog
     with eng:
         a = eng.run(EngineRequest(prompt, greedy()))
         b = eng.run(EngineRequest(prompt, greedy()))
-        assert a.token_ids == b.token_ids and eng.stats()["prefix_cache_lookups"] == 0
+        assert a.token_ids == b.token_ids and settled(eng)["prefix_cache_lookups"] == 0
 
 
 def test_options_are_checked(model, tokenizer, monkeypatch):
