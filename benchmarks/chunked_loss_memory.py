@@ -193,7 +193,8 @@ def main() -> None:
     for kind in ("lm", "kd online", "kd cache"):
         line = f"{kind:10s} chunked/plain: time {med[kind + ' chunked'] / med[kind + ' plain']:.2f}x"
         if memory:
-            line += (f", step peak memory {memory[kind + ' chunked']['step_peak_mib'] / memory[kind + ' plain']['step_peak_mib']:.2f}x")
+            mem = memory[kind + " chunked"]["step_peak_mib"] / memory[kind + " plain"]["step_peak_mib"]
+            line += f", step peak memory {mem:.2f}x"
         print(line)
     print(f"kd cache chunked / lm plain step time: {med['kd cache chunked'] / med['lm plain']:.2f}x (target <= 1.3x)")
     print(f"kd cache plain   / lm plain step time: {med['kd cache plain'] / med['lm plain']:.2f}x")

@@ -2,8 +2,6 @@
 logits, for any chunk size, masked labels, a bias, tied embeddings and bf16 autocast; lm_step takes it when it
 can and falls back to the plain path when it cannot."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,7 +90,8 @@ def test_no_grad_and_frozen_weight():
     h, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4)  # a frozen head: only hidden gets a gradient
     labels = torch.randint(0, 9, (6,))
     with torch.no_grad():
-        torch.testing.assert_close(chunked_cross_entropy(h, OutputHead(w), labels, rows=4), plain_ce(h, w, None, labels))
+        got = chunked_cross_entropy(h, OutputHead(w), labels, rows=4)
+        torch.testing.assert_close(got, plain_ce(h, w, None, labels))
     (g,) = torch.autograd.grad(chunked_cross_entropy(h, OutputHead(w), labels, rows=4), h)
     (r,) = torch.autograd.grad(plain_ce(h, w, None, labels), h)
     torch.testing.assert_close(g, r)
