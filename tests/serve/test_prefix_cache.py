@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 
@@ -315,3 +316,19 @@ def test_server_metrics_export_the_prefix_cache_counters():
     assert "slmkit_prefix_cache_lookups_total 5" in text
     assert "slmkit_prefix_cache_hits_total 0" in ServerMetrics(lambda: {k: v for k, v in stats.items()
                                                                          if not k.startswith("prefix")}).render()
+
+
+def test_slm_serve_passes_prefix_cache_mb_to_the_engine(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import slmkit.serve.server as server
+    from slmkit.cli import app
+
+    monkeypatch.setenv("SLM_PREFIX_CACHE_MB", "256")  # restored after the test: the command sets it
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.setdefault("mb", os.environ["SLM_PREFIX_CACHE_MB"]))
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--prefix-cache-mb", "64"])
+    assert r.exit_code == 0, r.output
+    assert float(seen["mb"]) == 64.0
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--prefix-cache-mb", "-1"])
+    assert r.exit_code == 2 and "prefix-cache-mb" in r.output
