@@ -14,6 +14,11 @@ byte-level one) and, with `--smollm2`, SmolLM2-135M-Instruct imported from the l
 (`slm import gguf`, once, into `--workdir`).
 
     python benchmarks/prefix_cache.py --threads 2 --smollm2
+
+Measured (2026-12, 2-core CPU shared with other work, fp32, 2 threads, 7 prefixes x 3 later requests, medians):
+small preset: later requests 279 ms off, 25.5 ms on (10.9x); SmolLM2-135M: 2318 ms off, 218 ms on (10.6x);
+first requests equal within this machine's noise (1.08x for SmolLM2); greedy tokens equal and the largest
+|logprob| difference between the arms 0.
 """
 
 from __future__ import annotations

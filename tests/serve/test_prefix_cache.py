@@ -6,7 +6,8 @@ plain KV cache bypass it, and the store keeps its LRU and budget laws.
 Tolerance: logprobs agree to 1e-5 absolute in fp32. The reused K/V rows are bitwise the ones an earlier prefill
 stored; what differs is only the shape of the remaining computation (the suffix's queries over a cache instead
 of the whole prompt at once), which changes float summation order in the matmuls and attention, as chunked
-prefill does (tests/serve/test_engine.py holds chunked prefill to the same 1e-5). Greedy tokens must be equal."""
+prefill does (tests/serve/test_engine.py holds chunked prefill to the same 1e-5; measured about 1.5e-6). Under bf16
+autocast the same reordering rounds at bf16's precision: 1e-2. Greedy tokens must be equal."""
 
 from __future__ import annotations
 
@@ -205,13 +206,14 @@ def test_echo_rows_never_read_the_cache_but_fill_it(model, tokenizer):
 
 
 def test_bf16_engine_reuses_its_own_dtype_rows(model, tokenizer):
-    # Stored rows are in the cache's dtype (bf16 here), so the reused prefix is bit-identical to a recomputed
-    # one; the suffix's bf16 matmuls in another shape round differently, hence the looser logprob tolerance.
+    # Stored rows are in the cache's dtype (bf16 here), the dtype the prefix would be cached in anyway; the
+    # suffix's bf16 matmuls in another shape round differently (bf16 keeps 8 significant bits, about 4e-3
+    # relative), hence 1e-2 on logprobs instead of 1e-5 (measured here: about 1e-3).
     prefix = ids(3 * BLOCK + 2, 17)
     batches = [[EngineRequest(prefix + ids(k, 18 + k), greedy(), logprobs=1)] for k in (3, 5, 1)]
     (cached, plain), (on, _) = run_batches(model, tokenizer, batches, dtype=torch.bfloat16)
     for a, b in zip(cached, plain):
-        assert_same(a, b, tol=0.05)
+        assert_same(a, b, tol=1e-2)
     assert on["prefix_cache_tokens_reused"] == 2 * 3 * BLOCK
 
 
