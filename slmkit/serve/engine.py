@@ -48,9 +48,10 @@ prompt token to compute): in the left-padded prefill batch the columns before th
 still has to compute are copied in from the store instead of computed, and the prefill (chunked as usual)
 starts at that column: the earliest column some row still needs, so a row whose cached run reaches further
 recomputes the rest of it (as a short row computes padding), and a long uncached row admitted alongside limits
-what the others reuse. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which stored K/V
-cannot give, so they never read from the store (they still add their blocks to it). Models whose cache is not
-a plain KV cache (Linformer, Transformer-XL memory) bypass the store, as the log says at start.
+what the others reuse. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which
+stored K/V cannot give, so they never read from the store (they still add their blocks to it). A prefill's blocks
+are stored after its rows' first tokens are sampled. Models whose cache is not a plain KV cache (Linformer,
+Transformer-XL memory) bypass the store, as the log says at start.
 
 Limits of this design: newcomers arriving during a chunked prefill wait for it to end; chunks of one
 prefill run in sequence with the decode steps, not fused with them into one forward pass; prompts admitted
@@ -644,7 +645,10 @@ class Engine:
             self._sample_first_tokens(p)
         finally:
             if kv is not None:
-                self._store_prefixes(p, *kv)
+                try:
+                    self._store_prefixes(p, *kv)
+                except Exception:  # an optimisation that failed (out of memory?) must not fail the rows
+                    log.exception("storing prompt prefixes in the prefix cache failed; they will be recomputed")
 
     def _sample_first_tokens(self, p: "_Prefill") -> None:
         rows, input_ids, mask, cache = p.rows, p.input_ids, p.mask, p.cache
