@@ -334,3 +334,44 @@ def test_slm_serve_passes_prefix_cache_mb_to_the_engine(monkeypatch, tmp_path):
     assert float(seen["mb"]) == 64.0
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--prefix-cache-mb", "-1"])
     assert r.exit_code == 2 and "prefix-cache-mb" in r.output
+
+
+def test_the_http_server_reuses_prefixes_and_reports_them(tmp_path):
+    # Through /v1/completions (token-id prompts, echo logprobs as lm-eval sends them) and /metrics, against a
+    # server whose engine has the cache off.
+    import httpx
+
+    from slmkit.checkpoint import load_checkpoint
+    from slmkit.serve.server import BackgroundServer, ServerConfig, create_app
+    from tests.serve.test_server import MODEL, make_checkpoint
+
+    ck = load_checkpoint(make_checkpoint(tmp_path / "ckpt"))
+    tok, V = ck.tokenizer(), ck.model.config.vocab_size
+    prefix = ids(3 * BLOCK, 30, V)
+    bodies = [{"model": MODEL, "prompt": prefix + ids(4, 31 + k, V), "max_tokens": 5, "temperature": 0,
+               "logprobs": 2} for k in range(3)]
+    bodies.append({"model": MODEL, "prompt": prefix + ids(3, 40, V), "max_tokens": 1, "temperature": 0,
+                   "logprobs": 1, "echo": True})
+    answers, metrics = [], []
+    for mb in (4, 0):
+        engine = Engine(ck.model, tok, prefix_cache_mb=mb, prefix_block=BLOCK).start()
+        try:
+            with BackgroundServer(create_app(engine, ServerConfig(model_name=MODEL), None)) as srv:
+                got = []
+                for body in bodies:
+                    r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+                    assert r.status_code == 200, r.text
+                    got.append(r.json()["choices"][0])
+                settled(engine)
+                metrics.append(httpx.get(srv.url + "/metrics").text)
+                answers.append(got)
+        finally:
+            engine.close()
+    for a, b in zip(*answers):
+        assert a["text"] == b["text"]
+        assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+        assert [x for x in a["logprobs"]["token_logprobs"] if x is not None] == pytest.approx(
+            [x for x in b["logprobs"]["token_logprobs"] if x is not None], abs=TOL)
+    assert f"slmkit_prefix_cache_reused_tokens_total {2 * 3 * BLOCK}" in metrics[0]
+    assert "slmkit_prefix_cache_hits_total 2" in metrics[0]
+    assert "slmkit_prefix_cache_reused_tokens_total 0" in metrics[1]
