@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--format", default="q4_0", help="q4_0 | q4_1 | q8_0, or a quant.int4/quant.int8 spec")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     ap.add_argument("--seconds", type=float, default=600, help="QAT distillation wall time")
+    ap.add_argument("--steps", type=int, default=None, help="QAT optimizer steps instead of --seconds (a token count "
+                    "that does not depend on how busy the machine is)")
     ap.add_argument("--lr", type=float, default=2e-5, help="QAT learning rate (peak; cosine to 10%%)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -98,7 +100,8 @@ def main() -> None:
         else:
             trained = work / "qat-float"
             if not (trained / "slmkit.json").exists():
-                cfg = TrainConfig(steps=100_000, time_budget_s=args.seconds, batch_size=args.batch_size,
+                cfg = TrainConfig(steps=args.steps or 100_000, time_budget_s=None if args.steps else args.seconds,
+                                  batch_size=args.batch_size,
                                   seq_len=args.seq_len, lr=args.lr, warmup_steps=2, eval_every=0, save_every=0,
                                   log_every=5, eval_tokens=1024, qat=args.format, precision="fp32")
                 r = distill(args.teacher, args.teacher, args.data, trained, cfg,
@@ -135,7 +138,8 @@ def main() -> None:
     key = "slmkit_bits_per_byte" if args.no_llama_cpp else "llama_cpp_bits_per_byte"
     base = rows["fp32"][key]
     print(f"\n{cpu_name()}, torch {torch.__version__}; format {plan.pass_text}; {args.eval_tokens:,} held-out tokens; "
-          f"QAT: {args.seconds:.0f} s of forward-KL distillation from the fp32 teacher, batch {args.batch_size} x "
+          f"QAT: {f'{args.steps} steps' if args.steps else f'{args.seconds:.0f} s'} of forward-KL distillation "
+          f"from the fp32 teacher, batch {args.batch_size} x "
           f"{args.seq_len}, lr {args.lr:g}" + (f", {tokens['qat']:,} tokens" if "qat" in tokens else ""))
     print(f"{'model':8s} {'.gguf MB':>9s} {'llama.cpp b/B':>14s} {'slmkit b/B':>11s} {'vs fp32':>8s} {'top-1':>6s}")
     for name, r in rows.items():
