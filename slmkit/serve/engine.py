@@ -47,8 +47,9 @@ Prompt-prefix reuse across requests (prefix_cache.py): after a prefill, the K/V 
 prompt token to compute): in the left-padded prefill batch the columns before the first one that some row
 still has to compute are copied in from the store instead of computed, and the prefill (chunked as usual)
 starts at that column: the earliest column some row still needs, so a row whose cached run reaches further
-recomputes the rest of it (as a short row computes padding), and a long uncached row admitted alongside limits
-what the others reuse. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which
+recomputes the rest of it (as a short row computes padding). So that a prompt with nothing cached does not make
+the others recompute theirs, newcomers that found a cached prefix are admitted first and the rest wait for
+that (short) prefill, each at most once. Rows that want prompt logprobs (`echo`) need the logits of every prompt position, which
 stored K/V cannot give, so they never read from the store (they still add their blocks to it). A prefill's blocks
 are stored after its rows' first tokens are sampled. Models whose cache is not a plain KV cache (Linformer,
 Transformer-XL memory) bypass the store, as the log says at start.
@@ -183,6 +184,7 @@ class _Row:
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.ended = False  # Finished or Failed was sent: a listener gets exactly one of them
+        self.deferred = False  # held back once so that newcomers reusing a cached prefix prefill without it
         handle._row = self
 
     def _collect(self, _index: int, text: str) -> None:
@@ -500,6 +502,9 @@ class Engine:
                         row = self._waiting.popleft()
                         if not row.handle.cancelled:
                             newcomers.append(row)
+                    if self.prefix_cache is not None and len(newcomers) > 1:
+                        newcomers, later = self._hits_first(newcomers)
+                        self._waiting.extendleft(reversed(later))  # first in line for the next admission
                     self._running += len(newcomers)
                 # A failing forward (or sampling) fails the rows whose work it was, not the server and not the
                 # other rows: the prefill's newcomers and the running batch are separate pieces of work.
@@ -562,6 +567,22 @@ class Engine:
             self._batch, self._prefill, self._running = None, None, 0
         for row in rows:
             row.emit(Failed("the server is shutting down"))
+
+    def _hits_first(self, rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
+        """Split newcomers into those to admit now and those to hold back for the next admission. In one padded
+        prefill every row computes from the earliest column any row needs, so a prompt with nothing cached (or
+        one that wants prompt logprobs) would make the rows that found their prefix cached recompute it. When
+        both kinds arrive together, the rows with a cached prefix go first (their prefill is short) and the
+        others wait for it, each at most once, so a stream of cache hits cannot starve them."""
+        hit = [r.request.prompt_logprobs is None and self.prefix_cache.cached_blocks(r.request.prompt_ids) > 0
+               for r in rows]
+        if all(hit) or not any(hit):
+            return rows, []
+        now = [r for r, h in zip(rows, hit) if h or r.deferred]
+        later = [r for r, h in zip(rows, hit) if not (h or r.deferred)]
+        for r in later:
+            r.deferred = True
+        return now, later
 
     def _admit(self, rows: list[_Row]) -> "_Prefill":
         """Start prefilling `rows` together: one left-padded batch, identical prompts (the `n` choices of a

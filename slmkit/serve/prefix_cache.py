@@ -109,6 +109,13 @@ class PrefixCache:
             self._blocks.move_to_end(key)
         return [block for _, block in found]
 
+    def cached_blocks(self, ids: list[int]) -> int:
+        """How many leading blocks `lookup(ids)` would return, without touching their recency."""
+        n = (len(ids) - 1) // self.block_size
+        if n <= 0 or not self._blocks:
+            return 0
+        return next((j for j, key in enumerate(block_keys(ids, self.block_size, n)) if key not in self._blocks), n)
+
     def count(self, tokens_reused: int) -> None:
         """Record one prompt's lookup and how many of its tokens it took from the cache."""
         self.lookups += 1

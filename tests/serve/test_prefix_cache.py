@@ -160,14 +160,29 @@ def test_concurrent_requests_with_different_reuse_equal_the_uncached_run(model, 
                 EngineRequest(prefix + ids(6, 11), seeded),
                 EngineRequest(prefix + ids(6, 11), seeded),
                 EngineRequest(prefix + ids(4, 12), greedy(), prompt_logprobs=1)]
-    # Without the echo row the prefill starts at column 21 of 41 (the second row's first uncached column): three
-    # prompts reuse 17, 16 and 21 tokens. With it (39 tokens, nothing reused) only 2 columns are copied.
+    # First batch: the row with nothing cached (13 tokens) waits for the others' prefill, which starts at column
+    # 21 of 41 (the second row's first uncached column): three prompts reuse 17, 16 and 21 tokens, the fourth
+    # none. Second batch: the echo row (which never reads the cache) waits, every other prompt has cached blocks
+    # by now, and the prefill starts at column 36: 32, 31, 8, 12 and 36 tokens reused.
     (cached, plain), (on, _) = run_batches(model, tokenizer, [warm, together[:-1], together], prefill_chunk=chunk)
     for a, b in zip(cached, plain):
         assert_same(a, b)
     assert cached[1][4].token_ids == cached[1][5].token_ids  # same seed, same prompt
-    assert on["prefix_cache_hits"] == 3 + 1
-    assert on["prefix_cache_tokens_reused"] == 17 + 16 + 21 + 2
+    assert on["prefix_cache_hits"] == 3 + 5
+    assert on["prefix_cache_tokens_reused"] == (17 + 16 + 21) + (32 + 31 + 8 + 12 + 36)
+
+
+def test_rows_with_a_cached_prefix_are_not_held_back_by_a_cold_one(model, tokenizer):
+    # A long prompt with nothing cached, queued together with one whose prefix is cached: admitted in one padded
+    # prefill, the second would recompute its prefix. It goes first; the cold one waits for that short prefill.
+    prefix = ids(4 * BLOCK, 22)
+    cold = EngineRequest(ids(6 * BLOCK, 23), greedy(), logprobs=1)
+    warm_hit = EngineRequest(prefix + ids(3, 24), greedy(), logprobs=1)
+    batches = [[EngineRequest(prefix + ids(5, 25), greedy())], [cold, warm_hit]]
+    (cached, plain), (on, _) = run_batches(model, tokenizer, batches)
+    for a, b in zip(cached, plain):
+        assert_same(a, b)
+    assert on["prefix_cache_tokens_reused"] == 4 * BLOCK and on["prefix_cache_lookups"] == 3
 
 
 def test_eviction_under_a_tiny_budget_keeps_outputs_and_the_budget(model, tokenizer):
@@ -281,6 +296,7 @@ def test_lookup_reuses_the_longest_leading_run_and_leaves_a_token():
     prompt = [5, 6, 7, 8, 9, 10]
     store.insert(prompt, fake_rows(prompt))
     assert len(store) == 3
+    assert store.cached_blocks(prompt) == 2 and store.cached_blocks([5, 6, 0, 8, 9]) == 1
     got = store.lookup(prompt)  # 6 tokens, 3 blocks held: 2 used, the last token computed
     assert [b[0, 0, 0, :, 0].tolist() for b in got] == [[5, 6], [7, 8]]
     assert len(store.lookup(prompt + [1])) == 3
