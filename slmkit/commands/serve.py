@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -171,9 +170,7 @@ def serve(
         err_console.print(f"[bold red]error:[/] --prefix-cache-mb must be >= 0 (0 turns it off), got {prefix_cache_mb}",
                           highlight=False)
         raise typer.Exit(2)
-    # The engine that `serve` builds reads its prefix-cache budget from SLM_PREFIX_CACHE_MB (engine.py).
-    os.environ["SLM_PREFIX_CACHE_MB"] = repr(prefix_cache_mb)
     run_server(ckpt, host=host, port=port, api_key=api_key, max_concurrent=max_concurrent, max_waiting=max_queue,
                prefill_chunk=prefill_chunk or None, max_body_bytes=max_body_bytes,
                max_prompt_tokens=max_prompt_tokens, max_n=max_n, log_requests=log_requests, dtype=dtype,
-               device=device, model_name=model_name, insecure=insecure)
+               device=device, model_name=model_name, insecure=insecure, prefix_cache_mb=prefix_cache_mb)

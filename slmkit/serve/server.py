@@ -558,7 +558,7 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
           max_concurrent: int = 8, max_waiting: int = 64, prefill_chunk: int | None = 256,
           max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_n: int = 8,
           log_requests: bool = False, dtype: str = "auto", device: str = "auto", model_name: str | None = None,
-          insecure: bool = False) -> None:
+          insecure: bool = False, prefix_cache_mb: float | None = None) -> None:
     """Load `checkpoint` and serve it until interrupted (the body of `slm serve`). A host other than loopback
     needs `api_key`, or `insecure=True` to serve it to the network without one."""
     from pathlib import Path
@@ -581,7 +581,7 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     ck = load_checkpoint(checkpoint, device=device)
     template = load_chat_template(ck.path)
     engine = Engine(ck.model, ck.tokenizer(), max_concurrent=max_concurrent, max_waiting=max_waiting, dtype=run_dtype,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
     config = ServerConfig(model_name=model_name or Path(checkpoint).resolve().name, api_key=api_key,
                           max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
                           log_requests=log_requests)

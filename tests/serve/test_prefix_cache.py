@@ -342,12 +342,11 @@ def test_slm_serve_passes_prefix_cache_mb_to_the_engine(monkeypatch, tmp_path):
     import slmkit.serve.server as server
     from slmkit.cli import app
 
-    monkeypatch.setenv("SLM_PREFIX_CACHE_MB", "256")  # restored after the test: the command sets it
     seen = {}
-    monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.setdefault("mb", os.environ["SLM_PREFIX_CACHE_MB"]))
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.setdefault("mb", kw["prefix_cache_mb"]))
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--prefix-cache-mb", "64"])
     assert r.exit_code == 0, r.output
-    assert float(seen["mb"]) == 64.0
+    assert seen["mb"] == 64.0
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--prefix-cache-mb", "-1"])
     assert r.exit_code == 2 and "prefix-cache-mb" in r.output
 
