@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ from slmkit.compress.run import compress, parse_pass
 from slmkit.data import open_dataset, token_byte_lengths
 from slmkit.distill import KDConfig
 from slmkit.distill.run import distill
+from slmkit.compress.qlinear import cpu_capability
+from slmkit.evaluate.bench import machine_description
 from slmkit.evaluate.lm import evaluate_lm
 from slmkit.export import export_gguf
 from slmkit.train import TrainConfig
@@ -48,13 +49,8 @@ ARMS = ("rtn", "gptq", "qat")
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU model and the kernel level torch dispatches to (AVX2 and AVX-512 machines differ here)."""
+    return f"{machine_description()['cpu']} ({cpu_capability()})"
 
 
 def main() -> None:
