@@ -121,12 +121,16 @@ def test_quickstart_from_smollm2_tiny_profile(tmp_path):
     r = slm("quickstart", "--out", tmp_path / "qs", "--profile", "tiny", timeout=900)
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["teacher"] == "smollm2"
-    assert list(summary["stages"]) == ["teacher", "data", "student", "pairs", "aligned", "aligned-int8",
-                                       "aligned-int4", "select", "gguf", "report"]
+    assert list(summary["stages"]) == ["teacher", "data", "teacher-vocab", "student", "pairs", "aligned",
+                                       "aligned-int8", "aligned-int4", "select", "gguf", "report"]
     assert (tmp_path / "qs" / "gguf" / "model.gguf").stat().st_size > 0  # the recommended model's own codes
     assert_shipped_file_verified(summary, tmp_path / "qs", r.stdout)
-    student = json.loads((tmp_path / "qs" / "student" / "slmkit.json").read_text())["stages"][-1]["student"]
+    prov = json.loads((tmp_path / "qs" / "student" / "slmkit.json").read_text())
+    student = prov["stages"][-1]["student"]
     assert len(student["layers"]) == 4 and len(student["block_influence"]) == 30
+    # trained in the domain's vocabulary (the trimmed teacher's), against the int4 format it ships in
+    assert [p["name"] for p in prov["passes"]] == ["prune.vocab"]
+    assert prov["stages"][-1]["qat"]["pass"] == "quant.int4"
     models = summary["models"]
     assert set(models) == {"teacher (teacher)", "aligned-int8", "aligned-int4"}
     for row in models.values():

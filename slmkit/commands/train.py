@@ -118,6 +118,8 @@ def distill(
         slm distill -t runs/hf-llama -s small -d runs/ds -o runs/s --mode sequence --prompts 512
         slm distill -t runs/teacher -s runs/student -d runs/ds -o runs/s-lora --lora-rank 8 --lr 1e-3
         slm distill -t runs/teacher -s runs/teacher -d runs/ds -o runs/t-q4 --qat q4_0 --lr 5e-5   # QAT-KD
+        slm distill -t runs/quickstart/teacher-vocab -s teacher:drop=6 -d runs/quickstart/data -o runs/s24v --alpha 0 \
+            --qat quant.int4:group_size=64,format=q4_1,embeddings=true   # the quickstart's student: trimmed vocabulary, QAT
     """
     from ..distill import KDConfig
     from ..distill.run import distill as run_distill

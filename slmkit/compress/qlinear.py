@@ -267,8 +267,28 @@ def x_cpu_layer(module: nn.Module) -> bool:
     return module.scales.device.type == "cpu"
 
 
+def _store_scales_as_fp16(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """On disk, fp32 scales that are fp16 values (int8 scales always; int4 `format=q4_0`/`q4_1`) are written as
+    fp16, as GGUF stores them: 2 bytes per group instead of 4, the same numbers. Other scales stay as they are."""
+    key = prefix + "scales"
+    s = state_dict.get(key)
+    if s is None or s.is_meta or s.dtype != torch.float32:
+        return
+    half = s.to(torch.float16)
+    if torch.equal(half.float(), s):
+        state_dict[key] = half
+
+
+def _load_scales_in_module_dtype(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """fp16 scales from disk (`_store_scales_as_fp16`) come back in the module's scale dtype, exactly."""
+    key = prefix + "scales"
+    s = state_dict.get(key)
+    if s is not None and s.dtype == torch.float16 and module.scales.dtype == torch.float32:
+        state_dict[key] = s.float()
+
+
 class _QuantizedLinear(nn.Module):
-    """What both modules share: bias, shapes, the forward dispatch, parameter counting.
+    """What both modules share: bias, shapes, the forward dispatch, parameter counting, the on-disk scales.
 
     The forward's kernel branch is written for per-call overhead (a decode step calls it ~7 times per
     layer): derived kernel tensors are cached with the identity and version counter of the buffers they
@@ -291,6 +311,8 @@ class _QuantizedLinear(nn.Module):
         self._dense_cache: tuple | None = None  # the same for the dequantized weight of the `dense` path
         self._choices: dict = {}  # (input dtype, one row?) -> "packed" | "dense", measured by `auto`
         self._decode: tuple | None = None  # the one-row C-kernel call, bound once (see `_planned`)
+        self._register_state_dict_hook(_store_scales_as_fp16)
+        self._register_load_state_dict_pre_hook(_load_scales_in_module_dtype, with_module=True)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError

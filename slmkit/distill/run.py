@@ -46,9 +46,12 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
             on_step_end=None, quiet: bool = False, lora=None) -> TrainResult:
     """`lora` (an align.lora.LoRAConfig) trains adapters on a frozen student checkpoint; OUT then gets the
     merged student and OUT/adapter/ the adapter."""
+    from ..compress.vocab_remap import dataset_for_checkpoint
     from ..data import open_dataset
 
-    ds = open_dataset(data)
+    # A teacher whose vocabulary `prune.vocab` trimmed from the dataset's tokenizer: the dataset is carried
+    # into the trimmed ids (cached beside it), so student and teacher train in the smaller vocabulary.
+    ds = dataset_for_checkpoint(open_dataset(data), teacher_path, splits=("train", "val"))
     device = resolve_device(train_cfg.device)
     teacher_path = Path(teacher_path)
     identity = teacher_identity(teacher_path)

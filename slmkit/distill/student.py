@@ -64,6 +64,15 @@ def student_from_teacher_layers(teacher: CausalLM, layers: list[int]) -> CausalL
     return student
 
 
+def layer_student_provenance(teacher: Checkpoint) -> dict:
+    """What a student made of some of the teacher's layers inherits: the teacher's stages, and of its passes
+    only a vocabulary trim (`prune.vocab`): the student shares the trimmed embedding and tokenizer, and the
+    record of which ids were kept is what lets data in the original tokenizer be carried into its ids.
+    Passes that replace layer modules are not inherited: the student's layers are plain copies."""
+    passes = [r for r in teacher.provenance.get("passes", []) if r.get("name") == "prune.vocab"]
+    return inherited_provenance({**teacher.provenance, "passes": passes})
+
+
 def build_student(spec: str | Path, teacher: Checkpoint | None, ds, *, seq_len: int) -> tuple[CausalLM, dict, dict]:
     """Resolve `--student`: `teacher:N` (keep N evenly spaced teacher layers), `teacher:0,3,5` (those layers),
     `teacher:drop=N` (all but the N layers of lowest block influence on the training text), a checkpoint
@@ -75,14 +84,14 @@ def build_student(spec: str | Path, teacher: Checkpoint | None, ds, *, seq_len: 
         layers, bi = least_influential_layers(teacher.model, ds, int(m.group("drop")), seq_len=seq_len)
         return (student_from_teacher_layers(teacher.model, layers),
                 {"init": "teacher_layers", "layers": layers, "block_influence": [round(b, 6) for b in bi]},
-                inherited_provenance({**teacher.provenance, "passes": []}))
+                layer_student_provenance(teacher))
     m = TEACHER_SPEC.match(spec_str)
     if m:
         parts = [int(x) for x in m.group("layers").split(",") if x]
         n = teacher.config.num_hidden_layers
         layers = evenly_spaced_layers(n, parts[0]) if len(parts) == 1 else parts
         return (student_from_teacher_layers(teacher.model, layers), {"init": "teacher_layers", "layers": layers},
-                inherited_provenance({**teacher.provenance, "passes": []}))
+                layer_student_provenance(teacher))
     path = Path(spec_str)
     if path.is_dir() and (path / "model.safetensors").exists():
         ck = load_checkpoint(path)

@@ -46,7 +46,7 @@ SMOLLM2_PROFILES: dict[str, list[str]] = {
              "student.time_budget_s=null", "student.steps=2", "student.seq_len=64", "student.batch_size=2",
              "pairs.limit=4", "pairs.k=2", "pairs.max_new_tokens=8", "pairs.verifier=teacher:ckpt=@teacher",
              "aligned.steps=1", "aligned.batch_size=2", "aligned.seq_len=64",
-             "aligned-int8.calib_samples=2", "aligned-int4.calib_samples=2",
+             "teacher-vocab.calib_samples=2", "aligned-int8.calib_samples=2", "aligned-int4.calib_samples=2",
              "select.candidates=[\"@aligned-int8\",\"@aligned-int4\"]", "select.items=4",
              "select.tasks=[lm,next-line:8]", "select.max_tokens=1024", "select.max_new_tokens=8",
              "select.bench_prompt_len=16", "select.bench_new_tokens=4", "select.bench_repeats=1",

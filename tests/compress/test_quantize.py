@@ -312,11 +312,35 @@ def test_state_bytes_ratios(calib):
     int8 = proj_bytes(run_pass(tiny_model(), "quant.int8", {}, calib)[0])
     int4 = proj_bytes(run_pass(tiny_model(), "quant.int4", {"group_size": 32}, calib)[0])
     weights = fp32 // 4
-    assert int8 == weights + 4 * sum(model.get_submodule(n).out_features for n in proj)  # + one fp32 scale per row
+    assert int8 == weights + 2 * sum(model.get_submodule(n).out_features for n in proj)  # + one fp16 scale per row
     assert 0.25 <= int8 / fp32 < 0.27
-    # 0.5 byte per weight + one fp32 scale and one uint8 zero per 32 weights: 1/8 + 5/128
+    # 0.5 byte per weight + one fp32 scale (`minmax`: not fp16 values) and one uint8 zero per 32 weights
     assert int4 == weights // 2 + weights * 5 // 32
     assert 0.125 <= int4 / fp32 < 0.17
+    # q4_1 / q4_0 scales are fp16 values: stored as fp16, as in GGUF's blocks
+    int4_q41 = proj_bytes(run_pass(tiny_model(), "quant.int4", {"group_size": 32, "format": "q4_1"}, calib)[0])
+    assert int4_q41 == weights // 2 + weights * 3 // 32
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "minmax", "int8"])
+def test_scales_that_are_fp16_values_are_stored_as_fp16_and_load_exactly(fmt, tmp_path):
+    """On disk, fp16-valued scales take 2 bytes; the loaded module holds the same fp32 numbers and computes the
+    same outputs; scales fp16 cannot hold (`minmax`) stay fp32; the bytes a pass reports are the file's."""
+    from slmkit.compress.base import state_bytes
+
+    name, opts = ("quant.int8", {}) if fmt == "int8" else ("quant.int4", {"group_size": 32, "format": fmt})
+    q, report, cfg = run_pass(tiny_model(), name, opts, None)
+    back = reload(q, [(name, cfg, report)], tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    scale_dtypes = {v.dtype for k, v in stored.items() if k.endswith(".scales")}
+    assert scale_dtypes == ({torch.float32} if fmt == "minmax" else {torch.float16})
+    assert state_bytes(q) == sum(t.numel() * t.element_size() for t in stored.values())
+    for (n, a), (_, b) in zip(q.named_modules(), back.named_modules()):
+        if isinstance(a, (Int4Linear, Int8Linear)):
+            assert b.scales.dtype == torch.float32 and torch.equal(a.scales, b.scales), n
+    ids = torch.randint(0, q.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(q(ids), back(ids))
 
 
 # -- GPTQ ----------------------------------------------------------------------------------------------------

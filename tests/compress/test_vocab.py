@@ -390,3 +390,27 @@ def test_a_trimmed_checkpoint_compresses_and_evaluates_with_the_original_dataset
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "e.json").read_text())["bits_per_byte"] == pytest.approx(q[1]["bits_per_byte"],
                                                                                           rel=1e-4)
+
+
+def test_a_student_of_a_trimmed_teachers_layers_trains_in_the_trimmed_vocabulary(trimmed, domain_ds, tmp_path):
+    """`slm distill -t TRIMMED -s teacher:drop=N -d ORIGINAL`: the dataset is carried into the trimmed ids, the
+    student inherits the vocabulary record (so it evaluates and compresses with the original dataset too) and
+    shares the teacher's tokenizer; the first layers' weights are the teacher's."""
+    from slmkit.distill import KDConfig
+    from slmkit.distill.run import distill
+
+    out, rows = trimmed
+    s = tmp_path / "s"
+    res = distill(out, "teacher:drop=1", domain_ds.path, s,
+                  TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=0, eval_every=0, save_every=0,
+                              precision="fp32", eval_tokens=512), KDConfig(alpha=0.5), quiet=True)
+    assert res.steps == 2
+    ck, teacher = load_checkpoint(s), load_checkpoint(out)
+    assert ck.config.vocab_size == teacher.config.vocab_size < domain_ds.vocab_size
+    assert (s / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    passes = ck.provenance["passes"]
+    assert [p["name"] for p in passes] == ["prune.vocab"] and passes == teacher.provenance["passes"]
+    q = compress(s, tmp_path / "q", [parse_pass("quant.int8")], data=domain_ds.path, calib_samples=2,
+                 calib_seq_len=32, eval_tokens=512, speed=False)
+    assert q[0]["bits_per_byte"] > 0 and abs(q[1]["bits_per_byte"] - q[0]["bits_per_byte"]) < 0.05
+    assert load_checkpoint(tmp_path / "q").config.vocab_size == ck.config.vocab_size
