@@ -46,14 +46,17 @@ def distill(teacher_path: str | Path, student_spec: str | Path, data: str | Path
             on_step_end=None, quiet: bool = False, lora=None) -> TrainResult:
     """`lora` (an align.lora.LoRAConfig) trains adapters on a frozen student checkpoint; OUT then gets the
     merged student and OUT/adapter/ the adapter."""
-    from ..compress.vocab_remap import dataset_for_checkpoint
+    from ..compress.vocab_remap import dataset_for_checkpoint, is_trimmed_from
     from ..data import open_dataset
 
-    # A teacher whose vocabulary `prune.vocab` trimmed from the dataset's tokenizer: the dataset is carried
-    # into the trimmed ids (cached beside it), so student and teacher train in the smaller vocabulary.
-    ds = dataset_for_checkpoint(open_dataset(data), teacher_path, splits=("train", "val"))
-    device = resolve_device(train_cfg.device)
+    ds = open_dataset(data)
     teacher_path = Path(teacher_path)
+    if teacher_path.is_dir() and is_trimmed_from(ds, teacher_path) is not None:
+        # A teacher whose vocabulary `prune.vocab` trimmed from the dataset's tokenizer: the dataset is carried
+        # into the trimmed ids (cached beside it), so student and teacher train in the smaller vocabulary. Any
+        # other tokenizer mismatch is refused below, with the way across tokenizers.
+        ds = dataset_for_checkpoint(ds, teacher_path, splits=("train", "val"))
+    device = resolve_device(train_cfg.device)
     identity = teacher_identity(teacher_path)
     check_shared_vocabulary(teacher_path, identity, ds)
     # The teacher's weights are needed online, or to build the student from its layers; a cached run with a

@@ -155,8 +155,10 @@ def test_state_dict_stays_plain_tensors_and_deepcopies():
         y = q(torch.randn(1, 256))  # fills the kernel cache with fbgemm's object where it exists
     sd = q.state_dict()
     assert set(sd) == {"bias", "weight_int8", "scales"} and all(type(t) is torch.Tensor for t in sd.values())
+    # int8 scales are fp16 values: stored as fp16 (as GGUF's Q8_0 stores them), loaded back as fp32
     assert {k: t.dtype for k, t in sd.items()} == {"bias": torch.float32, "weight_int8": torch.int8,
-                                                   "scales": torch.float32}
+                                                   "scales": torch.float16}
+    assert torch.equal(sd["scales"].float(), q.scales)
     c = copy.deepcopy(q)
     with torch.no_grad():
         assert c.kernel == "dynamic" and torch.equal(c(torch.ones(1, 256)), q(torch.ones(1, 256)))

@@ -133,8 +133,11 @@ def test_untied_embeddings_quantize_lm_head_as_a_target(tmp_path):
         out = model(x)
     assert rel(out, ref) < 0.01
     fresh, _ = reload(model, "quant.int8", cfg, report, tmp_path)
+    for m in (*model.modules(), *fresh.modules()):
+        if isinstance(m, Int8Linear):  # the same path in both: `auto` decides by timing, which differs run to run
+            m.kernel_choice = "packed"
     with torch.no_grad():
-        assert torch.equal(fresh(x), out)
+        assert torch.equal(fresh(x), model(x))
 
 
 def test_through_the_driver(tmp_path):
