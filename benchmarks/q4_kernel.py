@@ -1,8 +1,10 @@
 """The integer CPU kernels (`slmkit.compress.cpu_kernels.q4_gemv`, `q8_gemv`) against the kernels they would replace.
 
 For each (IN x OUT, rows) shape: median µs per call of
-  q4        `q4_gemv` (int4 codes x int8 activations, integer dot products)
+  q4        `q4_gemv` (int4 codes x int8 activations, integer dot products) at the best code level here
   q8        `q8_gemv` (int8 codes x int8 activations; the same int8 weights as fbgemm-i8)
+  q4@avx2, q8@avx2  the same kernels pinned to their AVX2 code, on CPUs whose best is AVX-512 VNNI (the ratio
+            avx2/vnni shows what `vpdpbusd` buys)
   torch-i4  `aten._weight_int4pack_mm_for_cpu` with bf16 inputs (what `Int4Linear` runs by default) and fp32
   fbgemm-i8 `quantized::linear_dynamic` (what `Int8Linear(kernel="dynamic")` runs; int8 weights)
   fp32      `F.linear` with the dequantized weight
@@ -58,7 +60,10 @@ def candidates(in_f: int, out_f: int, rows: int, group_size: int) -> dict:
     xb, szb = x.bfloat16(), sz.bfloat16()
     mm4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     dyn = torch.ops.quantized.linear_dynamic.default
-    return {"q4": lambda: q4_gemv(x, q4),
+    lower = {}
+    if kernel_level() == "avx512vnni":
+        lower = {"q4@avx2": lambda: q4_gemv(x, q4, level="avx2"), "q8@avx2": lambda: q8_gemv(x, q8, level="avx2")}
+    return {**lower, "q4": lambda: q4_gemv(x, q4),
             "torch-i4 bf16": lambda: mm4(xb, packed, gs, szb),
             "torch-i4 fp32": lambda: mm4(x, packed, gs, sz),
             "q8": lambda: q8_gemv(x, q8),
@@ -97,8 +102,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, kernel level {torch.backends.cpu.get_cpu_capability()}, "
           f"q4 code {kernel_level()}, group {args.group_size}; median µs per call")
     names = ["q4", "torch-i4 bf16", "torch-i4 fp32", "q8", "fbgemm-i8", "fp32"]
+    vnni = kernel_level() == "avx512vnni"
+    if vnni:
+        names = ["q4@avx2", "q8@avx2"] + names
     head = f"{'shape':>12} {'rows':>4} {'thr':>3} " + " ".join(f"{n:>13}" for n in names)
-    print(head + "   i4bf16/q4  i8/q4  fp32/q4  i8/q8")
+    print(head + "   i4bf16/q4  i8/q4  fp32/q4  i8/q8" + ("  q4 avx2/vnni  q8 avx2/vnni" if vnni else ""))
     for shape in args.shapes.split(","):
         in_f, out_f = map(int, shape.split("x"))
         for rows in map(int, args.rows.split(",")):
@@ -113,7 +121,8 @@ def main() -> None:
                 q = us["q4"]
                 print(f"{shape:>12} {rows:>4} {threads:>3} " + " ".join(f"{us[n]:>13.1f}" for n in names)
                       + f"   {us['torch-i4 bf16'] / q:>9.2f} {us['fbgemm-i8'] / q:>6.2f} {us['fp32'] / q:>8.2f}"
-                      f" {us['fbgemm-i8'] / us['q8']:>6.2f}",
+                      f" {us['fbgemm-i8'] / us['q8']:>6.2f}"
+                      + (f"  {us['q4@avx2'] / q:>12.2f}  {us['q8@avx2'] / us['q8']:>12.2f}" if vnni else ""),
                       flush=True)
 
 

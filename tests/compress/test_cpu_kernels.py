@@ -161,11 +161,13 @@ def _result(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_both_dispatch_levels_and_concurrent_first_builds(tmp_path):
-    """Two processes build into an empty cache at once (each compiles to a temporary name and renames it into
-    place); the second runs the scalar code (ATEN_CPU_CAPABILITY=default). Both agree with this process."""
+def test_dispatch_levels_and_concurrent_first_builds(tmp_path):
+    """Three processes build into an empty cache at once (each compiles to a temporary name and renames it into
+    place); ATEN_CPU_CAPABILITY=default runs the scalar code, =avx2 the AVX2 code even on an AVX-512 CPU, unset
+    the best this CPU has. All agree with this process."""
     cache = str(tmp_path / "cache")
-    procs = [_child({"SLMKIT_CACHE_DIR": cache}), _child({"SLMKIT_CACHE_DIR": cache, "ATEN_CPU_CAPABILITY": "default"})]
+    procs = [_child({"SLMKIT_CACHE_DIR": cache}), _child({"SLMKIT_CACHE_DIR": cache, "ATEN_CPU_CAPABILITY": "default"}),
+             _child({"SLMKIT_CACHE_DIR": cache, "ATEN_CPU_CAPABILITY": "avx2"})]
     results = [_result(p) for p in procs]
     torch.manual_seed(0)
     m = Int4Linear.from_linear(nn.Linear(192, 37), 64)
@@ -180,10 +182,31 @@ def test_both_dispatch_levels_and_concurrent_first_builds(tmp_path):
         assert ((torch.tensor(r["y"]) - mine).abs() <= slack).all()
         assert ((torch.tensor(r["y8"]) - mine8).abs() <= slack8).all()
     assert results[1]["level"] == "scalar"
-    if torch.backends.cpu.get_cpu_capability() != "DEFAULT" and results[0]["level"] != "scalar":
-        assert results[0]["level"] == ck.kernel_level() == "avx2"
+    assert results[2]["level"] == ("scalar" if ck.cpu_level() == "scalar" else "avx2")
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert results[0]["level"] == ck.kernel_level() == ck.cpu_level()
     built = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert built == ["qgemv.so"]  # one library, no temporary files left behind
+
+
+@pytest.mark.parametrize("in_f,out_f,group,rows", CASES + [(160, 33, 32, 2), (224, 17, 32, 3), (384, 40, 192, 1)])
+def test_every_code_level_computes_the_same(in_f, out_f, group, rows):
+    """Each level this CPU runs (levels above it run its best: on an AVX2-only CPU the AVX-512 VNNI code is not
+    exercised here) gives the scalar code's result up to fp32 accumulation order, int4 and int8, with block
+    counts that leave 0-3 blocks after the last whole quad and groups of 1, 2, 3, 4 and 6 blocks."""
+    m = layer(in_f, out_f, group)
+    lin = nn.Linear(in_f, out_f)
+    m8 = Int8Linear.from_linear(lin)
+    x = torch.randn(rows, in_f) * torch.rand(1, in_f) * 3
+    w4, w8 = prepared(m), ck.prepare_q8(m8.weight_int8, m8.scales)
+    ref4, ref8 = ck.q4_gemv(x, w4, m.bias, level="scalar"), ck.q8_gemv(x, w8, lin.bias, level="scalar")
+    slack4 = 1e-5 * (x.abs() @ m.dequantize(torch.float32).abs().T) + 1e-6
+    slack8 = 1e-5 * (x.abs() @ m8.dequantize(torch.float32).abs().T) + 1e-6
+    for level in ck.LEVELS[1:]:
+        assert ((ck.q4_gemv(x, w4, m.bias, level=level) - ref4).abs() <= slack4).all(), level
+        assert ((ck.q8_gemv(x, w8, lin.bias, level=level) - ref8).abs() <= slack8).all(), level
+    with pytest.raises(ValueError, match="unknown kernel level"):
+        ck.q4_gemv(x, w4, level="avx9")
 
 
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):

@@ -20,10 +20,12 @@ identity and the flags, so an edit or another compiler builds anew. The build wr
 it into place, so processes building at once never load a half-written library. No compiler, a failed build or a
 library that will not load: one warning, `available()` is False and callers keep torch's kernels.
 
-Dispatch. The AVX2 + FMA code is compiled for that target by attribute only (the rest is portable C) and runs
-only when the CPU reports both and torch's kernel level (`ATEN_CPU_CAPABILITY`) is not `default`; otherwise the
-scalar code runs. Threads: OpenMP over output rows with `torch.get_num_threads()` threads; the library links
-the same libgomp soname torch ships, so the two share one runtime rather than spinning two thread pools."""
+Dispatch. Three code levels, compiled for their targets by attribute only (the rest is portable C): AVX-512 VNNI
+(`vpdpbusd`: four u8 x s8 products summed per instruction, 512-bit vectors taking four blocks at once; needs
+AVX-512 F/BW/VL and VNNI), AVX2 + FMA, and scalar. The C code checks what the CPU reports, and the caller caps the
+level by torch's (`ATEN_CPU_CAPABILITY`): `default` runs the scalar code, `avx2` the AVX2 code, so one variable
+pins torch and these kernels to the same instructions (tests run each level in a subprocess). Threads: OpenMP over
+output rows with `torch.get_num_threads()` threads; the library links the same libgomp soname torch ships, so the two share one runtime rather than spinning two thread pools."""
 
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "q4_supported", "prepare_q4", "Q4Weights", "q4_gemv", "q8_supported", "prepare_q8",
-           "Q8Weights", "q8_gemv", "row_caller", "q4_error_bound", "kernel_level", "KernelBuildWarning"]
+           "Q8Weights", "q8_gemv", "row_caller", "q4_error_bound", "kernel_level", "cpu_level", "LEVELS",
+           "KernelBuildWarning"]
 
 SOURCE = Path(__file__).with_name("qgemv.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
@@ -105,6 +108,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.slm_q8_gemv.restype = i
     lib.slm_cpu_has_avx2.argtypes = []
     lib.slm_cpu_has_avx2.restype = i
+    lib.slm_cpu_level.argtypes = []
+    lib.slm_cpu_level.restype = i
     return lib
 
 
@@ -149,16 +154,24 @@ def available() -> bool:
     return _lib() is not None
 
 
+LEVELS = ("scalar", "avx2", "avx512vnni")  # the C code's levels, by number
+
+
 def kernel_level() -> str:
-    """`avx2` or `scalar`: the code `q4_gemv` runs here (scalar when torch's kernel level is `default`)."""
+    """The code `q4_gemv` and `q8_gemv` run here: `avx512vnni` (AVX-512 F/BW/VL + VNNI), `avx2` (AVX2 + FMA) or
+    `scalar`, capped by torch's kernel level (`ATEN_CPU_CAPABILITY`): `default` runs the scalar code, `avx2` the
+    AVX2 code even on an AVX-512 CPU, so one environment variable pins both libraries to the same instructions."""
     lib = _lib()
-    if lib is None or not lib.slm_cpu_has_avx2():
+    if lib is None:
         return "scalar"
+    cpu = lib.slm_cpu_level()
     try:
-        level = torch.backends.cpu.get_cpu_capability()
+        torch_level = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
-        level = os.environ.get("ATEN_CPU_CAPABILITY", "")
-    return "scalar" if level.upper() == "DEFAULT" else "avx2"
+        torch_level = os.environ.get("ATEN_CPU_CAPABILITY", "")
+    torch_level = torch_level.upper()
+    cap = 0 if torch_level == "DEFAULT" else 1 if torch_level in ("AVX2", "ZVECTOR", "VSX") else 2
+    return LEVELS[min(cpu, cap)]
 
 
 def q4_supported(in_features: int, group_size: int) -> bool:
@@ -219,10 +232,11 @@ def prepare_q4(weight_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return Q4Weights(codes, scale, szero, k, n, group_size, bps)
 
 
-def q4_gemv(x2: torch.Tensor, w: Q4Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def q4_gemv(x2: torch.Tensor, w: Q4Weights, bias: torch.Tensor | None = None, *, level: str | None = None) -> torch.Tensor:
     """(rows, in) activations -> (rows, out) fp32: x2 @ dequantized(w).T (+ bias), with the activations
     rounded to int8 per block of 32 (see the module docstring for the error bound). Meant for a few rows
-    (decode: 1-16); it is correct for any number. Raises RuntimeError when `available()` is False."""
+    (decode: 1-16); it is correct for any number. `level` (one of `LEVELS`, capped at what the CPU runs) picks
+    the code; None runs `kernel_level()`'s. Raises RuntimeError when `available()` is False."""
     lib = _lib()
     x2, bias = _checked_input("q4_gemv", lib, x2, w.in_features, bias)
     rows = x2.shape[0]
@@ -230,17 +244,27 @@ def q4_gemv(x2: torch.Tensor, w: Q4Weights, bias: torch.Tensor | None = None) ->
     rc = lib.slm_q4_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.szero.data_ptr(),
                          None if bias is None else bias.data_ptr(), y.data_ptr(), rows, w.in_features,
                          w.out_features, w.blocks_per_scale, w.group_size // BLOCK, w.padded_groups,
-                         torch.get_num_threads(), _use_avx2())
+                         torch.get_num_threads(), _level(level))
     if rc != 0:
         raise MemoryError(f"q4_gemv: no memory for the quantized activations of {rows} rows")
     return y
 
 
-def _use_avx2() -> bool:
+def _level(name: str | None = None) -> int:
+    if name is not None:
+        if name not in LEVELS:
+            raise ValueError(f"unknown kernel level {name!r}; choose one of {', '.join(LEVELS)}")
+        return LEVELS.index(name)
     level = _state.get("level")
     if level is None:
-        level = _state["level"] = kernel_level()
-    return level == "avx2"
+        level = _state["level"] = LEVELS.index(kernel_level())
+    return level
+
+
+def cpu_level() -> str:
+    """The highest code level this CPU runs, whatever torch's kernel level ("scalar" without the library)."""
+    lib = _lib()
+    return "scalar" if lib is None else LEVELS[lib.slm_cpu_level()]
 
 
 def _checked_input(name: str, lib, x2: torch.Tensor, in_features: int, bias: torch.Tensor | None):
@@ -298,16 +322,17 @@ def prepare_q8(weight_int8: torch.Tensor, scales: torch.Tensor) -> Q8Weights:
     return Q8Weights(codes, scale, k, n)
 
 
-def q8_gemv(x2: torch.Tensor, w: Q8Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def q8_gemv(x2: torch.Tensor, w: Q8Weights, bias: torch.Tensor | None = None, *, level: str | None = None) -> torch.Tensor:
     """(rows, in) activations -> (rows, out) fp32: x2 @ (codes * scale).T (+ bias), activations rounded to int8
-    per block of 32 as in `q4_gemv` (the same error bound). Raises RuntimeError when `available()` is False."""
+    per block of 32 as in `q4_gemv` (the same error bound; `level` as there). Raises RuntimeError when
+    `available()` is False."""
     lib = _lib()
     x2, bias = _checked_input("q8_gemv", lib, x2, w.in_features, bias)
     rows = x2.shape[0]
     y = torch.empty(rows, w.out_features, dtype=torch.float32)
     rc = lib.slm_q8_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(),
                          None if bias is None else bias.data_ptr(), y.data_ptr(), rows, w.in_features,
-                         w.out_features, torch.get_num_threads(), _use_avx2())
+                         w.out_features, torch.get_num_threads(), _level(level))
     if rc != 0:
         raise MemoryError(f"q8_gemv: no memory for the quantized activations of {rows} rows")
     return y
@@ -317,17 +342,17 @@ def row_caller(w: "Q4Weights | Q8Weights"):
     """`f(x_ptr, y_ptr) -> status` for one contiguous fp32 row into a preallocated fp32 output row, every other
     argument bound now: the decode step's fast path (q4_gemv/q8_gemv cost ~8 us of argument handling per call
     on top of a ~7 us kernel for a 576x192 layer). The caller keeps `w` alive and checks its inputs."""
-    lib, avx2 = _lib(), _use_avx2()
+    lib, level = _lib(), _level()
     if lib is None:
         raise RuntimeError("row_caller: the C kernels are not available (see the earlier KernelBuildWarning)")
     threads = torch.get_num_threads
     if isinstance(w, Q4Weights):
         fn, args = lib.slm_q4_gemv, (w.codes.data_ptr(), w.scale.data_ptr(), w.szero.data_ptr(), None)
         shape = (1, w.in_features, w.out_features, w.blocks_per_scale, w.group_size // BLOCK, w.padded_groups)
-        return lambda x, y: fn(x, *args, y, *shape, threads(), avx2)
+        return lambda x, y: fn(x, *args, y, *shape, threads(), level)
     fn, args = lib.slm_q8_gemv, (w.codes.data_ptr(), w.scale.data_ptr(), None)
     shape = (1, w.in_features, w.out_features)
-    return lambda x, y: fn(x, *args, y, *shape, threads(), avx2)
+    return lambda x, y: fn(x, *args, y, *shape, threads(), level)
 
 
 def q4_error_bound(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

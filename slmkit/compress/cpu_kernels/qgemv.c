@@ -26,9 +26,10 @@
  * once; when bps is 1 (group 32, or groups of an odd number of blocks, expanded per block in Python) each
  * pair builds its two-scale vector.
  *
- * Dispatch: the AVX2 + FMA functions are compiled with a target attribute and only called when the CPU
- * reports both (and the caller allows it); everything else runs the portable scalar code, so the library
- * loads and runs on any x86-64 (or other) CPU. Threads: OpenMP over output rows, `nthreads` from torch.
+ * Dispatch: the AVX2 + FMA and AVX-512 VNNI functions (the latter described before them below) are compiled
+ * with target attributes and only called when the CPU reports their features and the caller's level allows them;
+ * everything else runs the portable scalar code, so the library loads and runs on any x86-64 (or other) CPU.
+ * Threads: OpenMP over output rows, `nthreads` from torch.
  */
 #include <math.h>
 #include <stdint.h>
@@ -213,7 +214,7 @@ AVX2 static inline float hsum8(__m256 v) {
 
 /* Quantize one activation row with AVX2 (same arithmetic as the scalar version: x * (127 / max|x|),
  * rounded to nearest even). */
-AVX2 static void quantize_row_avx2(const float *x, act_row r, int nb, int bpg, int gp) {
+AVX2 static void quantize_row_avx2(const float *x, act_row r, int nb, int bpg, int gp, int quad) {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < nb; b++) {
         const float *xb = x + (size_t)b * QK;
@@ -244,6 +245,10 @@ AVX2 static void quantize_row_avx2(const float *x, act_row r, int nb, int bpg, i
         int pair = b / 2;
         if (2 * pair + 1 >= nb) {
             _mm256_storeu_si256((__m256i *)(r.xq + (size_t)b * QK), p);
+        } else if (quad && b < nb / 4 * 4) {  /* AVX-512 layout: the quad's four low halves, then its high halves */
+            int8_t *dst = r.xq + (size_t)(b / 4) * 128 + (b & 3) * 16;
+            _mm_storeu_si128((__m128i *)dst, lo);
+            _mm_storeu_si128((__m128i *)(dst + 64), hi);
         } else {
             int8_t *dst = r.xq + (size_t)pair * 64 + (b & 1) * 16;
             _mm_storeu_si128((__m128i *)dst, lo);
@@ -355,48 +360,68 @@ AVX2 static inline __attribute__((always_inline)) void q4_tile_avx2(
         for (int u = 0; u < NR; u++) out[t][u] = hsum8(acc[t][u]);
 }
 
+/* The row loop shared by every SIMD level: tiles of MT activation rows x NR output rows (MT * NR <= 4 accumulators),
+ * `TILE_(MT, NR)` filling out[t][u], then `Y_` (an expression of out[t][u], n, u and bn, the bias) stored. */
+#define ROWS_LOOP(TILE_, Y_)                                                                              \
+    for (int m0 = 0; m0 < m_rows; m0 += 4) {                                                              \
+        int mt = m_rows - m0 < 4 ? m_rows - m0 : 4;                                                       \
+        int nr = 4 / mt; /* output rows per tile: four accumulators in all */                             \
+        act_row r[4];                                                                                     \
+        for (int t = 0; t < mt; t++) r[t] = act_at(acts, row_bytes, m0 + t, nb);                          \
+        for (int n = n0; n < n1;) {                                                                       \
+            float out[4][4] = {{0}};                                                                      \
+            int u_n = n + nr <= n1 ? nr : 1;                                                              \
+            if (u_n == 1) {                                                                               \
+                switch (mt) {                                                                             \
+                    case 1: TILE_(1, 1); break;                                                           \
+                    case 2: TILE_(2, 1); break;                                                           \
+                    case 3: TILE_(3, 1); break;                                                           \
+                    default: TILE_(4, 1); break;                                                          \
+                }                                                                                         \
+            } else {                                                                                      \
+                switch (mt) {                                                                             \
+                    case 1: TILE_(1, 4); break;                                                           \
+                    case 2: TILE_(2, 2); break;                                                           \
+                    case 3: TILE_(3, 1); break;                                                           \
+                    default: TILE_(4, 1); break;                                                          \
+                }                                                                                         \
+            }                                                                                             \
+            for (int u = 0; u < u_n; u++) {                                                               \
+                float bn = bias ? bias[n + u] : 0.0f;                                                     \
+                for (int t = 0; t < mt; t++) y[(size_t)(m0 + t) * n_out + n + u] = Y_;                    \
+            }                                                                                             \
+            n += u_n;                                                                                     \
+        }                                                                                                 \
+    }
+
 #define TILE(MT_, NR_) q4_tile_avx2(w + (size_t)n * wstride, wstride, scale + (size_t)n * ns, ns, sz + (size_t)n * gp, \
                                     gp, r, out, MT_, NR_, nb, bps, gp)
 
 AVX2 static void q4_rows_avx2(const uint8_t *w, const float *scale, const float *sz, const float *bias, char *acts,
                               size_t row_bytes, float *y, int m_rows, int n_out, int nb, int bps, int gp, int n0, int n1) {
     size_t ns = (size_t)(nb / bps), wstride = (size_t)nb * 16;
-    for (int m0 = 0; m0 < m_rows; m0 += 4) {
-        int mt = m_rows - m0 < 4 ? m_rows - m0 : 4;
-        int nr = 4 / mt;  /* output rows per tile: four accumulators in all */
-        act_row r[4];
-        for (int t = 0; t < mt; t++) r[t] = act_at(acts, row_bytes, m0 + t, nb);
-        for (int n = n0; n < n1;) {
-            float out[4][4] = {{0}};
-            int u_n = n + nr <= n1 ? nr : 1;
-            if (u_n == 1) {
-                switch (mt) {
-                    case 1: TILE(1, 1); break;
-                    case 2: TILE(2, 1); break;
-                    case 3: TILE(3, 1); break;
-                    default: TILE(4, 1); break;
-                }
-            } else {
-                switch (mt) {
-                    case 1: TILE(1, 4); break;
-                    case 2: TILE(2, 2); break;
-                    case 3: TILE(3, 1); break;
-                    default: TILE(4, 1); break;
-                }
-            }
-            for (int u = 0; u < u_n; u++) {
-                float bn = bias ? bias[n + u] : 0.0f;
-                for (int t = 0; t < mt; t++) y[(size_t)(m0 + t) * n_out + n + u] = out[t][u] + bn;
-            }
-            n += u_n;
-        }
-    }
+    ROWS_LOOP(TILE, out[t][u] + bn)
 }
 
 /* int8 x int8 with AVX2: maddubs needs one unsigned operand, so |w| meets x with w's sign moved onto it
  * (`sign`); |w| <= 128 and |x| <= 127 keep each i16 pair sum below 32767. */
 AVX2 static inline __attribute__((always_inline)) __m256i q8_dot32(__m256i w, __m256i x, __m256i ones) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones);
+}
+
+/* The unpaired last block of an odd block count (natural order), added into acc. */
+AVX2 static inline __attribute__((always_inline)) void q8_last_block_avx2(
+        const int8_t *w0, size_t wstride, act_row *r, __m256 acc[4][4], const int MT, const int NR, int nb) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (!(nb & 1)) return;
+    int b = nb - 1;
+    for (int u = 0; u < NR; u++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + u * wstride + (size_t)b * QK));
+        for (int t = 0; t < MT; t++) {
+            __m256i isum = q8_dot32(wv, _mm256_load_si256((const __m256i *)(r[t].xq + (size_t)b * QK)), ones);
+            acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_load_ps(r[t].dx + (size_t)(b / 2) * 8), acc[t][u]);
+        }
+    }
 }
 
 AVX2 static inline __attribute__((always_inline)) void q8_tile_avx2(
@@ -420,16 +445,7 @@ AVX2 static inline __attribute__((always_inline)) void q8_tile_avx2(
             }
         }
     }
-    if (nb & 1) {
-        int b = nb - 1;
-        for (int u = 0; u < NR; u++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + u * wstride + (size_t)b * QK));
-            for (int t = 0; t < MT; t++) {
-                __m256i isum = q8_dot32(wv, _mm256_load_si256((const __m256i *)(r[t].xq + (size_t)b * QK)), ones);
-                acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_load_ps(r[t].dx + (size_t)(b / 2) * 8), acc[t][u]);
-            }
-        }
-    }
+    q8_last_block_avx2(w0, wstride, r, acc, MT, NR, nb);
     for (int t = 0; t < MT; t++)
         for (int u = 0; u < NR; u++) out[t][u] = hsum8(acc[t][u]);
 }
@@ -439,36 +455,157 @@ AVX2 static inline __attribute__((always_inline)) void q8_tile_avx2(
 AVX2 static void q8_rows_avx2(const int8_t *w, const float *scale, const float *bias, char *acts, size_t row_bytes,
                               float *y, int m_rows, int n_out, int nb, int n0, int n1) {
     size_t wstride = (size_t)nb * QK;
-    for (int m0 = 0; m0 < m_rows; m0 += 4) {
-        int mt = m_rows - m0 < 4 ? m_rows - m0 : 4;
-        int nr = 4 / mt;
-        act_row r[4];
-        for (int t = 0; t < mt; t++) r[t] = act_at(acts, row_bytes, m0 + t, nb);
-        for (int n = n0; n < n1;) {
-            float out[4][4] = {{0}};
-            int u_n = n + nr <= n1 ? nr : 1;
-            if (u_n == 1) {
-                switch (mt) {
-                    case 1: TILE8(1, 1); break;
-                    case 2: TILE8(2, 1); break;
-                    case 3: TILE8(3, 1); break;
-                    default: TILE8(4, 1); break;
-                }
-            } else {
-                switch (mt) {
-                    case 1: TILE8(1, 4); break;
-                    case 2: TILE8(2, 2); break;
-                    case 3: TILE8(3, 1); break;
-                    default: TILE8(4, 1); break;
-                }
+    ROWS_LOOP(TILE8, scale[n + u] * out[t][u] + bn)
+}
+
+/* ---- AVX-512 VNNI (Cascade Lake and later, Zen 4): `vpdpbusd` multiplies unsigned bytes by signed bytes and adds
+ * each group of four products into an i32 lane in one instruction, where AVX2 needs maddubs + madd; 512-bit
+ * vectors take four blocks at once.
+ *
+ * int4: the activations of a quad of blocks b..b+3 are stored (b[0:16], b+1[0:16], b+2[0:16], b+3[0:16],
+ * b[16:32], ..., b+3[16:32]) (`quad` layout, 128 bytes; blocks after the last whole quad keep the pair layout, so
+ * the same workspace serves the AVX2 tail code). A 64-byte load of the weights is the quad's four 16-byte
+ * blocks: `& 0x0F` gives columns 0..15 of block b + j in 128-bit lane j and `>> 4` columns 16..31, so two
+ * dpbusd (low halves, high halves) leave lane j holding block b + j's four partial sums, scaled by
+ * d[b + j] * s[n, g(b + j)] in one multiply-add. The weight layout is the AVX2 one.
+ *
+ * int8: the weights are stored in the activations' pair order (see prepare_q8), so a 64-byte load of each
+ * covers one block pair with lane j in {0, 2} from block b and {1, 3} from block b + 1; dpbusd needs one
+ * unsigned operand, so |w| meets x with w's sign moved onto x (a masked negation: AVX-512 has no `sign`). */
+#define AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* The per-lane scale vector of output row `s_row` for the quad starting at block b (b a multiple of 4). */
+AVX512 static inline __attribute__((always_inline)) __m512 quad_scales(const float *s_row, int b, int bps) {
+    if (bps % 4 == 0) return _mm512_set1_ps(s_row[b / bps]);
+    if (bps == 2)
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                     _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(s_row + b / 2)))));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(_mm_loadu_ps(s_row + b)));  /* bps == 1 */
+}
+
+/* Whether the quad code handles this scale layout (else the AVX2 code runs): scales per 1, 2 or 4k blocks. */
+static int quad_scales_ok(int bps) { return bps == 1 || bps == 2 || bps % 4 == 0; }
+
+AVX512 static inline __attribute__((always_inline)) void q4_tile_avx512(
+        const uint8_t *w0, size_t wstride, const float *s0, size_t sstride, const float *sz0, size_t szstride,
+        act_row *r, float out[4][4], const int MT, const int NR, int nb, int bps, int gp) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m512i spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[4][4];
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) acc[t][u] = _mm512_setzero_ps();
+    int nq = nb / 4;
+    for (int q = 0; q < nq; q++) {
+        __m512 dv[4];
+        for (int t = 0; t < MT; t++)
+            dv[t] = _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(_mm_loadu_ps(r[t].db + (size_t)q * 4)));
+        for (int u = 0; u < NR; u++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w0 + u * wstride + (size_t)q * 64));
+            __m512i lo = _mm512_and_si512(wv, mask);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
+            __m512 sv = quad_scales(s0 + u * sstride, 4 * q, bps);
+            for (int t = 0; t < MT; t++) {
+                const int8_t *xp = r[t].xq + (size_t)q * 128;
+                __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)xp));
+                isum = _mm512_dpbusd_epi32(isum, hi, _mm512_load_si512((const void *)(xp + 64)));
+                acc[t][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv[t], sv), acc[t][u]);
             }
-            for (int u = 0; u < u_n; u++) {
-                float bn = bias ? bias[n + u] : 0.0f;
-                for (int t = 0; t < mt; t++) y[(size_t)(m0 + t) * n_out + n + u] = scale[n + u] * out[t][u] + bn;
-            }
-            n += u_n;
         }
     }
+    /* the blocks after the last whole quad (pair layout: at most one pair and one single block) */
+    __m256 tail[4][4];
+    const __m256i mask8 = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) tail[t][u] = _mm256_setzero_ps();
+    int b = 4 * nq;
+    if (b + 1 < nb) {
+        int p = b / 2;
+        for (int u = 0; u < NR; u++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + u * wstride + (size_t)p * 32));
+            __m256i lo = _mm256_and_si256(wv, mask8);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask8);
+            const float *sr = s0 + u * sstride;
+            __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(sr[b / bps])), _mm_set1_ps(sr[(b + 1) / bps]), 1);
+            for (int t = 0; t < MT; t++) {
+                const int8_t *xp = r[t].xq + (size_t)p * 64;
+                __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_load_si256((const __m256i *)xp));
+                isum = _mm256_dpbusd_epi32(isum, hi, _mm256_load_si256((const __m256i *)(xp + 32)));
+                tail[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum),
+                                             _mm256_mul_ps(sv, _mm256_load_ps(r[t].dx + (size_t)p * 8)), tail[t][u]);
+            }
+        }
+        b += 2;
+    }
+    if (b < nb) {  /* one unpaired last block, natural order */
+        for (int u = 0; u < NR; u++) {
+            __m128i w16 = _mm_loadu_si128((const __m128i *)(w0 + u * wstride + (size_t)b * 16));
+            __m256i wv = _mm256_and_si256(
+                _mm256_inserti128_si256(_mm256_castsi128_si256(w16), _mm_srli_epi16(w16, 4), 1), mask8);
+            __m256 sv = _mm256_set1_ps(s0[u * sstride + b / bps]);
+            for (int t = 0; t < MT; t++) {
+                __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv,
+                                                   _mm256_load_si256((const __m256i *)(r[t].xq + (size_t)b * QK)));
+                tail[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum),
+                                             _mm256_mul_ps(sv, _mm256_load_ps(r[t].dx + (size_t)(b / 2) * 8)), tail[t][u]);
+            }
+        }
+    }
+    for (int g = 0; g < gp; g += 8) {
+        for (int u = 0; u < NR; u++) {
+            __m256 s = _mm256_loadu_ps(sz0 + u * szstride + g);
+            for (int t = 0; t < MT; t++) tail[t][u] = _mm256_fnmadd_ps(s, _mm256_load_ps(r[t].Z + g), tail[t][u]);
+        }
+    }
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) out[t][u] = _mm512_reduce_add_ps(acc[t][u]) + hsum8(tail[t][u]);
+}
+
+#define TILE512(MT_, NR_) q4_tile_avx512(w + (size_t)n * wstride, wstride, scale + (size_t)n * ns, ns, \
+                                         sz + (size_t)n * gp, gp, r, out, MT_, NR_, nb, bps, gp)
+
+AVX512 static void q4_rows_avx512(const uint8_t *w, const float *scale, const float *sz, const float *bias, char *acts,
+                                  size_t row_bytes, float *y, int m_rows, int n_out, int nb, int bps, int gp, int n0, int n1) {
+    size_t ns = (size_t)(nb / bps), wstride = (size_t)nb * 16;
+    ROWS_LOOP(TILE512, out[t][u] + bn)
+}
+
+AVX512 static inline __attribute__((always_inline)) __m512i q8_dot64(__m512i w, __m512i x) {
+    __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);  /* x * sign(w) */
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+}
+
+AVX512 static inline __attribute__((always_inline)) void q8_tile_avx512(
+        const int8_t *w0, size_t wstride, act_row *r, float out[4][4], const int MT, const int NR, int nb) {
+    __m512 acc[4][4];
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) acc[t][u] = _mm512_setzero_ps();
+    int npairs = nb / 2;
+    for (int p = 0; p < npairs; p++) {
+        __m512 dv[4];
+        for (int t = 0; t < MT; t++) dv[t] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_load_ps(r[t].dx + (size_t)p * 8))));
+        for (int u = 0; u < NR; u++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w0 + u * wstride + (size_t)p * 64));
+            for (int t = 0; t < MT; t++) {
+                __m512i isum = q8_dot64(wv, _mm512_load_si512((const void *)(r[t].xq + (size_t)p * 64)));
+                acc[t][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv[t], acc[t][u]);
+            }
+        }
+    }
+    __m256 tail[4][4];
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) tail[t][u] = _mm256_setzero_ps();
+    q8_last_block_avx2(w0, wstride, r, tail, MT, NR, nb);
+    for (int t = 0; t < MT; t++)
+        for (int u = 0; u < NR; u++) out[t][u] = _mm512_reduce_add_ps(acc[t][u]) + hsum8(tail[t][u]);
+}
+
+#define TILE8_512(MT_, NR_) q8_tile_avx512(w + (size_t)n * wstride, wstride, r, out, MT_, NR_, nb)
+
+AVX512 static void q8_rows_avx512(const int8_t *w, const float *scale, const float *bias, char *acts, size_t row_bytes,
+                                  float *y, int m_rows, int n_out, int nb, int n0, int n1) {
+    size_t wstride = (size_t)nb * QK;
+    ROWS_LOOP(TILE8_512, scale[n + u] * out[t][u] + bn)
 }
 #endif /* SLM_X86 */
 
@@ -482,8 +619,22 @@ int slm_cpu_has_avx2(void) {
 #endif
 }
 
-/* Quantize the activation rows into the per-thread workspace; NULL when it cannot be allocated. */
-static char *quantize_acts(const float *x, int m_rows, int k, int bpg, int gp, int use_avx2, size_t *row_bytes) {
+/* The best code this CPU runs: 2 AVX-512 VNNI (with F, BW, VL), 1 AVX2 + FMA, 0 scalar. */
+int slm_cpu_level(void) {
+#ifdef SLM_X86
+    if (!slm_cpu_has_avx2()) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Quantize the activation rows into the per-thread workspace (`quad`: the AVX-512 int4 layout); NULL when it
+ * cannot be allocated. */
+static char *quantize_acts(const float *x, int m_rows, int k, int bpg, int gp, int level, int quad, size_t *row_bytes) {
     int nb = k / QK;
     *row_bytes = act_row_bytes(nb, gp);
     char *acts = (char *)workspace(*row_bytes * (size_t)m_rows);
@@ -491,8 +642,8 @@ static char *quantize_acts(const float *x, int m_rows, int k, int bpg, int gp, i
     for (int m = 0; m < m_rows; m++) {
         act_row r = act_at(acts, *row_bytes, m, nb);
 #ifdef SLM_X86
-        if (use_avx2) {
-            quantize_row_avx2(x + (size_t)m * k, r, nb, bpg, gp);
+        if (level >= 1) {
+            quantize_row_avx2(x + (size_t)m * k, r, nb, bpg, gp, quad);
             continue;
         }
 #endif
@@ -512,13 +663,10 @@ static int split_rows(int n_out, int k, int nthreads, int *nt_out) {
     return (chunk + 7) & ~7;
 }
 
-static int resolve_avx2(int use_avx2) {
-#ifdef SLM_X86
-    return use_avx2 && slm_cpu_has_avx2();
-#else
-    (void)use_avx2;
-    return 0;
-#endif
+/* The code level to run: the caller's limit (from torch's kernel level), capped by what the CPU has. */
+static int resolve_level(int level) {
+    int cpu = slm_cpu_level();
+    return level < cpu ? (level < 0 ? 0 : level) : cpu;
 }
 
 /* y (m_rows, n_out) = x (m_rows, k) @ W^T (+ bias), int4 W. Returns 0, or -1 when the workspace cannot be
@@ -526,13 +674,14 @@ static int resolve_avx2(int use_avx2) {
  *   w:     (n_out, k / 32, 16) uint8, the layout described at the top
  *   scale: (n_out, k / 32 / bps) fp32
  *   sz:    (n_out, gp) fp32, scale * zero per group, zero-padded to gp (a multiple of 8)
- *   bpg:   blocks per zero-point group;  use_avx2: 0 forces the scalar code */
+ *   bpg:   blocks per zero-point group;  level: the highest code level allowed (0 scalar, 1 AVX2, 2 AVX-512 VNNI) */
 int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const float *sz, const float *bias, float *y,
-                int m_rows, int k, int n_out, int bps, int bpg, int gp, int nthreads, int use_avx2) {
+                int m_rows, int k, int n_out, int bps, int bpg, int gp, int nthreads, int level) {
     int nb = k / QK, nt;
     size_t row_bytes;
-    use_avx2 = resolve_avx2(use_avx2);
-    char *acts = quantize_acts(x, m_rows, k, bpg, gp, use_avx2, &row_bytes);
+    level = resolve_level(level);
+    if (level == 2 && !quad_scales_ok(bps)) level = 1;
+    char *acts = quantize_acts(x, m_rows, k, bpg, gp, level, level == 2, &row_bytes);
     if (!acts) return -1;
     int chunk = split_rows(n_out, k, nthreads, &nt);
     int nchunks = (n_out + chunk - 1) / chunk;
@@ -540,7 +689,11 @@ int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const floa
     for (int c = 0; c < nchunks; c++) {
         int n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
 #ifdef SLM_X86
-        if (use_avx2) {
+        if (level == 2) {
+            q4_rows_avx512(w, scale, sz, bias, acts, row_bytes, y, m_rows, n_out, nb, bps, gp, n0, n1);
+            continue;
+        }
+        if (level == 1) {
             q4_rows_avx2(w, scale, sz, bias, acts, row_bytes, y, m_rows, n_out, nb, bps, gp, n0, n1);
             continue;
         }
@@ -552,11 +705,11 @@ int slm_q4_gemv(const float *x, const uint8_t *w, const float *scale, const floa
 
 /* The same for int8 W: w (n_out, k) int8 in the interleaved block-pair order, scale (n_out,) fp32. */
 int slm_q8_gemv(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                int m_rows, int k, int n_out, int nthreads, int use_avx2) {
+                int m_rows, int k, int n_out, int nthreads, int level) {
     int nb = k / QK, nt;
     size_t row_bytes;
-    use_avx2 = resolve_avx2(use_avx2);
-    char *acts = quantize_acts(x, m_rows, k, nb, 0, use_avx2, &row_bytes);
+    level = resolve_level(level);
+    char *acts = quantize_acts(x, m_rows, k, nb, 0, level, 0, &row_bytes);
     if (!acts) return -1;
     int chunk = split_rows(n_out, k, nthreads, &nt);
     int nchunks = (n_out + chunk - 1) / chunk;
@@ -564,7 +717,11 @@ int slm_q8_gemv(const float *x, const int8_t *w, const float *scale, const float
     for (int c = 0; c < nchunks; c++) {
         int n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
 #ifdef SLM_X86
-        if (use_avx2) {
+        if (level == 2) {
+            q8_rows_avx512(w, scale, bias, acts, row_bytes, y, m_rows, n_out, nb, n0, n1);
+            continue;
+        }
+        if (level == 1) {
             q8_rows_avx2(w, scale, bias, acts, row_bytes, y, m_rows, n_out, nb, n0, n1);
             continue;
         }
