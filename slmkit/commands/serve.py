@@ -132,7 +132,9 @@ def serve(
     max_n: int = typer.Option(8, help="Largest `n` (samples per prompt) accepted."),
     log_requests: bool = typer.Option(False, "--log-requests", help="Log request bodies (prompts) and an access "
                                       "log. Off by default: prompts and completions are never logged."),
-    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16. "
+                              "bfloat16 casts a float checkpoint's weights once at load; compressed checkpoints "
+                              "and float16 run under autocast."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the checkpoint "
                                              "directory's name)."),

@@ -500,6 +500,8 @@ class Int8Linear(_QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.scales.dtype
+        if dtype is torch.float32 and (w := cpu_kernels.q8_dequantize(self.weight_int8, self.scales)) is not None:
+            return w  # the same numbers, one threaded pass
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]  # (out, in)
 
     def _derive(self, dtype) -> tuple:
@@ -634,6 +636,9 @@ class Int4Linear(_QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.scales.dtype
+        if dtype is torch.float32 and (w := cpu_kernels.q4_dequantize(self.weight_int4, self.scales, self.zeros,
+                                                                       self.group_size)) is not None:
+            return w  # the same numbers, one threaded pass instead of ~6
         g = self.group_size
         q = self.codes().to(dtype).view(self.out_features, -1, g)  # (out, groups, g)
         w = (q - self.zeros.to(dtype)[:, :, None]) * self.scales.to(dtype)[:, :, None]

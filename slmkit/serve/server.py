@@ -554,6 +554,22 @@ class BackgroundServer:
         self.stop()
 
 
+def inference_dtype(model, dtype):
+    """How to run `model` in `dtype` (None: its own): bfloat16 casts a float model's weights once, in place, and
+    the engine then runs without autocast (which casts every fp32 matrix again at every step); a compressed
+    model, float16 (fp16's range can overflow the residual stream) and float32 run as they are, under autocast
+    where `dtype` differs. Returns (the engine's `dtype`, a line saying which path runs, or None)."""
+    import torch
+
+    from ..checkpoint import cast_for_inference
+
+    if dtype is torch.bfloat16 and cast_for_inference(model, dtype):
+        return None, "running in bfloat16: the float weights were cast once at load"
+    if dtype is None or dtype is next(model.parameters()).dtype:
+        return dtype, None
+    return dtype, f"running under {str(dtype).removeprefix('torch.')} autocast over the stored weights"
+
+
 def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrent: int = 8, max_waiting: int = 64, prefill_chunk: int | None = 256,
           max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None, max_n: int = 8,
@@ -579,9 +595,12 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     if dtype == "auto" and device.startswith("cuda"):
         run_dtype = torch.bfloat16
     ck = load_checkpoint(checkpoint, device=device)
+    engine_dtype, how = inference_dtype(ck.model, run_dtype)
+    if how:
+        log.warning("%s", how)
     template = load_chat_template(ck.path)
-    engine = Engine(ck.model, ck.tokenizer(), max_concurrent=max_concurrent, max_waiting=max_waiting, dtype=run_dtype,
-                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
+    engine = Engine(ck.model, ck.tokenizer(), max_concurrent=max_concurrent, max_waiting=max_waiting,
+                    dtype=engine_dtype, prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
     config = ServerConfig(model_name=model_name or Path(checkpoint).resolve().name, api_key=api_key,
                           max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
                           log_requests=log_requests)

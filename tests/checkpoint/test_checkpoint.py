@@ -72,3 +72,20 @@ def test_corrupted_config_json_names_line(tmp_path):
 def test_missing_directory_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "nope")
+
+
+def test_loading_in_bf16_keeps_rotary_frequencies_fp32(tmp_path):
+    """`load_checkpoint(dtype=bfloat16)` casts the weights, not the rotary frequencies: bf16 would round them, and
+    the rotation at position p (angle p * f) would drift further from the model's with every position."""
+    from slmkit.model.rope import rope_inverse_frequencies
+
+    model = tiny_model(rope_theta=100000.0)
+    save_checkpoint(model, tmp_path / "ck")
+    ck = load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16)
+    assert ck.model.model.embed_tokens.weight.dtype is torch.bfloat16
+    inv = ck.model.model.rotary_emb.inv_freq
+    assert inv.dtype is torch.float32 and torch.equal(inv, rope_inverse_frequencies(model.config))
+    x = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        ref, got = model(x), ck.model(x).float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()

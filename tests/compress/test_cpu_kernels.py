@@ -233,3 +233,22 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     with pytest.warns(ck.KernelBuildWarning, match="refusing"):
         assert not ck.available()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no half-built library left
+
+
+@pytest.mark.parametrize("in_f,out_f,group,rows", CASES)
+def test_dequantize_is_bit_identical_to_torch(in_f, out_f, group, rows):
+    """The threaded one-pass dequantization (the many-row path: prefill, evaluation) gives exactly torch's
+    elementwise (q - z) * s and q * s; non-fp32 scales and other dtypes keep torch's code."""
+    m = layer(in_f, out_f, group, seed=rows)
+    m8 = Int8Linear.from_linear(nn.Linear(in_f, out_f))
+    q = m.codes().float().view(out_f, -1, group)
+    ref4 = ((q - m.zeros.float()[:, :, None]) * m.scales[:, :, None]).reshape(out_f, in_f)
+    ref8 = m8.weight_int8.float() * m8.scales[:, None]
+    assert torch.equal(ck.q4_dequantize(m.weight_int4, m.scales, m.zeros, group), ref4)
+    assert torch.equal(ck.q8_dequantize(m8.weight_int8, m8.scales), ref8)
+    assert torch.equal(m.dequantize(torch.float32), ref4) and torch.equal(m8.dequantize(torch.float32), ref8)
+    assert ck.q4_dequantize(m.weight_int4, m.scales.bfloat16(), m.zeros, group) is None
+    assert ck.q8_dequantize(m8.weight_int8, m8.scales.half()) is None
+    qb = m.codes().bfloat16().view(out_f, -1, group)  # another dtype: torch's code, in that dtype
+    refb = ((qb - m.zeros.bfloat16()[:, :, None]) * m.scales.bfloat16()[:, :, None]).reshape(out_f, in_f)
+    assert torch.equal(m.dequantize(torch.bfloat16), refb)

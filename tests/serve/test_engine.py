@@ -441,3 +441,31 @@ def test_nan_logits_in_a_decode_step_fail_only_that_row(model, tokenizer):
         got_a = until_done(a)
         assert isinstance(got_a[-1], Finished) and got_a[-1].token_ids == ref
         wait_idle(eng)
+
+
+def test_bfloat16_serving_casts_float_weights_once_and_keeps_quantized_codes(model, tokenizer):
+    """`slm serve --dtype bfloat16`: a float model's weights are cast once (rotary frequencies stay fp32) and the
+    engine runs it without autocast, greedy tokens as `generate` on the same bf16 model; a quantized model keeps
+    its stored codes and scales and runs under autocast."""
+    import copy
+
+    import slmkit.compress.quantize  # noqa: F401 (registers the quant passes)
+    from slmkit.compress.base import get_pass, make_config
+    from slmkit.serve.server import inference_dtype
+
+    m = copy.deepcopy(model)
+    dtype, how = inference_dtype(m, torch.bfloat16)
+    assert dtype is None and "cast once" in how
+    assert m.model.embed_tokens.weight.dtype is torch.bfloat16 and m.lm_head.weight.dtype is torch.bfloat16
+    assert m.model.rotary_emb.inv_freq.dtype is torch.float32
+    ref = generate(m, tokenizer, PROMPTS[0], greedy(12))[0]
+    with Engine(m, tokenizer, max_concurrent=2, dtype=dtype) as eng:
+        events = queue.SimpleQueue()
+        eng.submit(EngineRequest(eng.encode(PROMPTS[0]), greedy(12)), events.put)
+        assert until_done(events)[-1].token_ids == ref.token_ids
+    q, _ = get_pass("quant.int8").apply(copy.deepcopy(model), make_config("quant.int8", {}))
+    scales = {n: b.clone() for n, b in q.named_buffers() if n.endswith("scales")}
+    dtype, how = inference_dtype(q, torch.bfloat16)
+    assert dtype is torch.bfloat16 and "autocast" in how
+    assert all(torch.equal(b, scales[n]) for n, b in q.named_buffers() if n in scales)
+    assert inference_dtype(model, None) == (None, None)

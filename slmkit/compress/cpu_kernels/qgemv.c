@@ -730,3 +730,39 @@ int slm_q8_gemv(const float *x, const int8_t *w, const float *scale, const float
     }
     return 0;
 }
+
+/* ---- Dequantization for many-row inputs (prefill, evaluation): the exact weights, w = (q - z) * s for int4 and
+ * w = q * s for int8, in fp32, one pass over the checkpoint's own layout (`pack_int4`: byte j of a row holds column
+ * 2j in its low nibble and 2j + 1 in its high nibble). The same two fp32 operations as torch's
+ * `(q.float() - z.float()) * s`, so the result is bit-identical. Threads: OpenMP over output rows. */
+void slm_q4_dequant(const uint8_t *packed, const float *scale, const uint8_t *zero, float *out, int n_out, int k,
+                    int group, int nthreads) {
+    int groups = k / group, nt = nthreads < 1 ? 1 : nthreads;
+    if ((long)n_out * k < 64 * 1024) nt = 1;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int n = 0; n < n_out; n++) {
+        const uint8_t *p = packed + (size_t)n * (k / 2);
+        float *o = out + (size_t)n * k;
+        for (int g = 0; g < groups; g++) {
+            const float s = scale[(size_t)n * groups + g], z = (float)zero[(size_t)n * groups + g];
+            const uint8_t *pg = p + (size_t)g * (group / 2);
+            float *og = o + (size_t)g * group;
+            for (int j = 0; j < group / 2; j++) {
+                og[2 * j] = ((float)(pg[j] & 15) - z) * s;
+                og[2 * j + 1] = ((float)(pg[j] >> 4) - z) * s;
+            }
+        }
+    }
+}
+
+void slm_q8_dequant(const int8_t *codes, const float *scale, float *out, int n_out, int k, int nthreads) {
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((long)n_out * k < 64 * 1024) nt = 1;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int n = 0; n < n_out; n++) {
+        const int8_t *c = codes + (size_t)n * k;
+        float *o = out + (size_t)n * k;
+        const float s = scale[n];
+        for (int j = 0; j < k; j++) o[j] = (float)c[j] * s;
+    }
+}
