@@ -84,6 +84,8 @@ fbgemm's kernels (for int4, torch's kernel in fp32: no activation rounding).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import warnings
 
@@ -94,6 +96,30 @@ from torch import nn
 from . import cpu_kernels
 
 KERNEL_MAX_ROWS = 16  # decode-sized inputs use the packed kernels; larger ones dequantize once per call
+
+_PREFILL = threading.local()  # `prompt_prefill()`'s flag, per thread (the serving engine prefills on its own)
+_FAST_BF16: bool | None = None  # whether this CPU multiplies bf16 natively, read once
+
+
+@contextlib.contextmanager
+def prompt_prefill():
+    """Inside, on CPUs that multiply bf16 natively (AVX-512 BF16 or AMX; elsewhere nothing changes), quantized
+    layers multiply many-row fp32 inputs in bf16: the exact dequantized weight and the activations rounded to
+    bf16, accumulated in fp32 by oneDNN, the result back in fp32. That is what a prompt's prefill needs (the
+    decode kernels round activations to int8 per block of 32, a coarser step); evaluation, calibration and
+    everything outside this context keep the exact fp32 product. `generate` and the serving engine prefill
+    inside it."""
+    global _FAST_BF16
+    if _FAST_BF16 is None:
+        from ..train.loop import cpu_has_fast_bf16
+
+        _FAST_BF16 = cpu_has_fast_bf16()
+    before = getattr(_PREFILL, "bf16", False)
+    _PREFILL.bf16 = _FAST_BF16
+    try:
+        yield
+    finally:
+        _PREFILL.bf16 = before
 KERNEL_CHOICES = ("auto", "packed", "dense")
 # `auto` may keep a dequantized copy of layers up to this size (1 MiB in fp32). Larger ones stay packed: in a
 # real decode step the other layers have pushed them out of the cache, and reading 4x fewer bytes is what
@@ -444,6 +470,9 @@ class _QuantizedLinear(nn.Module):
                 if y.dtype is not x.dtype:
                     y = y.to(x.dtype)
                 return y if bias is None else y + bias.to(x.dtype)
+        if x.dtype is torch.float32 and x.is_cpu and getattr(_PREFILL, "bf16", False) and not torch.is_grad_enabled():
+            y = F.linear(x.bfloat16(), self.dequantize(torch.float32).bfloat16()).float()
+            return y if bias is None else y + bias.float()
         return F.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def _nonzero_weights(self) -> int:

@@ -77,6 +77,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..compress.fuse import fuse_projections
+from ..compress.qlinear import prompt_prefill
 from ..model.cache import KVCache
 from .constrained import CompiledConstraint, ConstraintError, mask_logits_
 from .generate import RowOutput, SamplingParams, apply_repetition_penalty, left_pad, sample_next, stop_token_ids
@@ -646,9 +647,13 @@ class Engine:
         S = p.input_ids.shape[1]
         end = S if self.prefill_chunk is None else min(S, p.done + self.prefill_chunk)
         cols = slice(p.done, end)
-        logits = self.model(p.input_ids[:, cols], position_ids=None if p.positions is None else p.positions[:, cols],
-                            attention_mask=None if p.mask is None else p.mask[:, :end], cache=p.cache,
-                            last_only=not p.scoring)  # (u, chunk or 1, V)
+        # A prompt to continue prefills quantized layers in bf16 where the CPU has it (qlinear.prompt_prefill);
+        # a prompt to score (echo logprobs) keeps the exact product that `slm eval` computes.
+        with contextlib.nullcontext() if p.scoring else prompt_prefill():
+            logits = self.model(p.input_ids[:, cols],
+                                position_ids=None if p.positions is None else p.positions[:, cols],
+                                attention_mask=None if p.mask is None else p.mask[:, :end], cache=p.cache,
+                                last_only=not p.scoring)  # (u, chunk or 1, V)
         p.done = end
         if p.scoring:
             p.logits.append(logits)

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from ..compress.fuse import fuse_projections
+from ..compress.qlinear import prompt_prefill
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -293,7 +294,8 @@ def _run(model, rows: list[list[int]], outputs: list[RowOutput], params: Samplin
             seen[r, ids] = True
 
     start = time.perf_counter()
-    logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache, last_only=True)
+    with prompt_prefill():  # quantized layers in bf16 where the CPU multiplies it natively
+        logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache, last_only=True)
     active = list(range(B))  # batch position -> prompt index
     prefill_seconds = decode_start = None
     while True:

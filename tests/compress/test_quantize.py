@@ -446,3 +446,30 @@ def test_linformer_model_quantizes_reloads_and_decodes(name, options, calib, tmp
         steps = [loaded(x[:, :7], cache=cache)] + [loaded(x[:, t:t + 1], cache=cache) for t in range(7, 19)]
     assert relative_error(full, ref) < 0.1
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_prompt_prefill_multiplies_in_bf16_only_where_native_and_only_inside(cls):
+    """`prompt_prefill()` (generate's and the engine's prefill): many-row fp32 inputs of a quantized layer multiply
+    in bf16 on CPUs with native bf16 (the exact weight rounded to bf16, fp32 accumulation), the exact fp32 product
+    elsewhere; outside the context, and with gradients on, always the exact product."""
+    from slmkit.compress import qlinear
+    from slmkit.train.loop import cpu_has_fast_bf16
+
+    lin = random_linear(256, 96, bias=True)
+    q = cls.from_linear(lin)
+    x = torch.randn(40, 256)  # more rows than the decode kernels take
+    exact = torch.nn.functional.linear(x, q.dequantize(torch.float32), q.bias)
+    with torch.no_grad():
+        assert torch.equal(q(x), exact)
+        with qlinear.prompt_prefill():
+            inside = q(x)
+            with torch.enable_grad():
+                assert torch.equal(q(x), exact)
+        assert torch.equal(q(x), exact)  # the flag is restored
+    if cpu_has_fast_bf16():
+        bf16 = torch.nn.functional.linear(x.bfloat16(), q.dequantize(torch.float32).bfloat16()).float() + q.bias
+        assert torch.equal(inside, bf16) and not torch.equal(inside, exact)
+        assert (inside - exact).abs().max() < 0.02 * exact.abs().max()
+    else:
+        assert torch.equal(inside, exact)

@@ -239,8 +239,12 @@ def test_an_int8_model_reuses_float_rows(model, tokenizer):
     prefix = ids(2 * BLOCK + 1, 19)
     batches = [[EngineRequest(prefix + ids(k, 20 + k), greedy(), logprobs=1)] for k in (2, 6)]
     (cached, plain), (on, _) = run_batches(q, tokenizer, batches)
+    # On CPUs with native bf16 a quantized model's prompt rows multiply in bf16 (qlinear.prompt_prefill): the
+    # uncached prefill takes that path for the whole prompt, the cached one only for the stored prefix.
+    from slmkit.train.loop import cpu_has_fast_bf16
+
     for a, b in zip(cached, plain):
-        assert_same(a, b)
+        assert_same(a, b, tol=1e-2 if cpu_has_fast_bf16() else TOL)
     assert on["prefix_cache_tokens_reused"] == 2 * BLOCK
 
 
