@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from ..compress.fuse import fuse_projections
+from ..compress.qlinear import prompt_prefill
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ class _Run:
 
     @torch.inference_mode()
     def prefill(self) -> tuple[float, float]:
-        """(prefill seconds, time to first token)."""
-        with self.amp():
+        """(prefill seconds, time to first token). The prompt is prefilled as `generate` and `slm serve` prefill
+        it (`qlinear.prompt_prefill`: quantized layers in bf16 on CPUs with native bf16)."""
+        with self.amp(), prompt_prefill():
             t0 = time.perf_counter()
             logits = self.model(self.prompt, cache=self.cache, last_only=True)
             self.sync()
