@@ -205,6 +205,12 @@ static void q8_rows_scalar(const int8_t *w, const float *scale, const float *bia
 #ifdef SLM_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 
+/* Software prefetch of the weights two tiles ahead (the same columns, 2 * NR rows further on): at batch 1 each
+ * token streams every weight once from DRAM or L3, which the hardware prefetcher alone does not keep up with.
+ * Prefetches never fault, so running past the last row is harmless (the address is
+ * formed as an integer, never as a pointer beyond the array). */
+#define PREFETCH_AHEAD(base, offset) _mm_prefetch((const char *)((uintptr_t)(base) + (offset)), _MM_HINT_T0)
+
 AVX2 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -300,6 +306,7 @@ AVX2 static inline __attribute__((always_inline)) void q4_tile_avx2(
                 __m256 dx[4];
                 for (int t = 0; t < MT; t++) dx[t] = _mm256_load_ps(r[t].dx + (size_t)p * 8);
                 for (int u = 0; u < NR; u++) {
+                    PREFETCH_AHEAD(w0, (2 * NR + u) * wstride + (size_t)p * 32);
                     __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + u * wstride + (size_t)p * 32));
                     __m256i lo = _mm256_and_si256(wv, mask);
                     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
@@ -321,6 +328,7 @@ AVX2 static inline __attribute__((always_inline)) void q4_tile_avx2(
             __m256 dx[4];
             for (int t = 0; t < MT; t++) dx[t] = _mm256_load_ps(r[t].dx + (size_t)p * 8);
             for (int u = 0; u < NR; u++) {
+                PREFETCH_AHEAD(w0, (2 * NR + u) * wstride + (size_t)p * 32);
                 __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + u * wstride + (size_t)p * 32));
                 __m256i lo = _mm256_and_si256(wv, mask);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
@@ -435,6 +443,7 @@ AVX2 static inline __attribute__((always_inline)) void q8_tile_avx2(
         __m256 dx[4];
         for (int t = 0; t < MT; t++) dx[t] = _mm256_load_ps(r[t].dx + (size_t)p * 8);
         for (int u = 0; u < NR; u++) {
+            PREFETCH_AHEAD(w0, (2 * NR + u) * wstride + (size_t)p * 64);
             const int8_t *wp = w0 + u * wstride + (size_t)p * 64;
             __m256i wl = _mm256_loadu_si256((const __m256i *)wp), wh = _mm256_loadu_si256((const __m256i *)(wp + 32));
             for (int t = 0; t < MT; t++) {
@@ -501,6 +510,7 @@ AVX512 static inline __attribute__((always_inline)) void q4_tile_avx512(
         for (int t = 0; t < MT; t++)
             dv[t] = _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(_mm_loadu_ps(r[t].db + (size_t)q * 4)));
         for (int u = 0; u < NR; u++) {
+            PREFETCH_AHEAD(w0, (2 * NR + u) * wstride + (size_t)q * 64);
             __m512i wv = _mm512_loadu_si512((const void *)(w0 + u * wstride + (size_t)q * 64));
             __m512i lo = _mm512_and_si512(wv, mask);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
@@ -585,6 +595,7 @@ AVX512 static inline __attribute__((always_inline)) void q8_tile_avx512(
         __m512 dv[4];
         for (int t = 0; t < MT; t++) dv[t] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_load_ps(r[t].dx + (size_t)p * 8))));
         for (int u = 0; u < NR; u++) {
+            PREFETCH_AHEAD(w0, (2 * NR + u) * wstride + (size_t)p * 64);
             __m512i wv = _mm512_loadu_si512((const void *)(w0 + u * wstride + (size_t)p * 64));
             for (int t = 0; t < MT; t++) {
                 __m512i isum = q8_dot64(wv, _mm512_load_si512((const void *)(r[t].xq + (size_t)p * 64)));
