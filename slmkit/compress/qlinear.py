@@ -96,30 +96,6 @@ from torch import nn
 from . import cpu_kernels
 
 KERNEL_MAX_ROWS = 16  # decode-sized inputs use the packed kernels; larger ones dequantize once per call
-
-_PREFILL = threading.local()  # `prompt_prefill()`'s flag, per thread (the serving engine prefills on its own)
-_FAST_BF16: bool | None = None  # whether this CPU multiplies bf16 natively, read once
-
-
-@contextlib.contextmanager
-def prompt_prefill():
-    """Inside, on CPUs that multiply bf16 natively (AVX-512 BF16 or AMX; elsewhere nothing changes), quantized
-    layers multiply many-row fp32 inputs in bf16: the exact dequantized weight and the activations rounded to
-    bf16, accumulated in fp32 by oneDNN, the result back in fp32. That is what a prompt's prefill needs (the
-    decode kernels round activations to int8 per block of 32, a coarser step); evaluation, calibration and
-    everything outside this context keep the exact fp32 product. `generate` and the serving engine prefill
-    inside it."""
-    global _FAST_BF16
-    if _FAST_BF16 is None:
-        from ..train.loop import cpu_has_fast_bf16
-
-        _FAST_BF16 = cpu_has_fast_bf16()
-    before = getattr(_PREFILL, "bf16", False)
-    _PREFILL.bf16 = _FAST_BF16
-    try:
-        yield
-    finally:
-        _PREFILL.bf16 = before
 KERNEL_CHOICES = ("auto", "packed", "dense")
 # `auto` may keep a dequantized copy of layers up to this size (1 MiB in fp32). Larger ones stay packed: in a
 # real decode step the other layers have pushed them out of the cache, and reading 4x fewer bytes is what
@@ -136,6 +112,26 @@ FP16_BITS = 11  # significant bits of an IEEE half (10 stored + the implicit one
 FP16_MIN_EXPONENT = -24  # fp16's smallest subnormal is 2^-24: every a · 2^k with k >= -24, a < 2^11 is a half
 Q4_1_SCALE_BITS = FP16_BITS - 4  # a 7-bit scale times a 4-bit zero point still fits fp16's 11 bits
 _SIGNIFICANT_BITS = {torch.float32: 24, torch.float64: 53, torch.float16: 11, torch.bfloat16: 8}
+
+_PREFILL = threading.local()  # `prompt_prefill()`'s flag, per thread (the serving engine prefills on its own)
+
+
+@contextlib.contextmanager
+def prompt_prefill():
+    """Inside, on CPUs that multiply bf16 natively (AVX-512 BF16 or AMX; elsewhere nothing changes), quantized
+    layers multiply many-row fp32 inputs in bf16: the exact dequantized weight and the activations rounded to
+    bf16, accumulated in fp32 by oneDNN, the result back in fp32. That is what a prompt's prefill needs (the
+    decode kernels round activations to int8 per block of 32, a coarser step); evaluation, calibration and
+    everything outside this context keep the exact fp32 product. `generate` and the serving engine prefill
+    inside it."""
+    from ..train.loop import cpu_has_fast_bf16
+
+    before = getattr(_PREFILL, "bf16", False)
+    _PREFILL.bf16 = cpu_has_fast_bf16()
+    try:
+        yield
+    finally:
+        _PREFILL.bf16 = before
 
 
 # -- offline packing ---------------------------------------------------------------------------------

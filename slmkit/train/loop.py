@@ -10,6 +10,7 @@ log, atomic resumable checkpoints, and a final checkpoint with provenance.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -48,9 +49,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Elsewhere (e.g. AVX2-only
-    CPUs) torch emulates bf16 matmuls and autocast is several times *slower* than fp32."""
+    CPUs) torch emulates bf16 matmuls and autocast is several times *slower* than fp32. Read once per process."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
