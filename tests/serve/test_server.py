@@ -19,7 +19,7 @@ from slmkit.checkpoint import load_checkpoint, save_checkpoint
 from slmkit.data.tokenizer import special_token_ids, tokenizer_config, train_tokenizer
 from slmkit.model import CausalLM, ModelConfig
 from slmkit.serve.chat_template import load_chat_template
-from slmkit.serve.engine import Engine
+from slmkit.serve.engine import Delta, Engine, EngineRequest
 from slmkit.serve.generate import SamplingParams, generate
 from slmkit.serve.server import BackgroundServer, ServerConfig, create_app
 
@@ -361,12 +361,24 @@ def test_a_full_queue_answers_503(ckpt):
     with Engine(ck.model, tok, max_concurrent=1, max_waiting=0) as engine, \
             BackgroundServer(create_app(engine, ServerConfig(model_name=MODEL), None)) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        stream = c.completions.create(model=MODEL, prompt="x", max_tokens=200, stream=True)
-        next(iter(stream))  # holds the only slot
-        with pytest.raises(openai.InternalServerError) as e:
-            c.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        # The only slot is held by a request whose listener blocks the engine at its first token, so the slot
+        # stays taken however fast the model decodes (a streamed request of a tiny model can finish before the
+        # next request arrives on a busy machine).
+        started, release = threading.Event(), threading.Event()
+
+        def hold(ev):
+            if isinstance(ev, Delta) and not started.is_set():
+                started.set()
+                release.wait(30)
+
+        engine.submit(EngineRequest(engine.encode("x"), SamplingParams(max_new_tokens=8, temperature=0)), hold)
+        assert started.wait(30)
+        try:
+            with pytest.raises(openai.InternalServerError) as e:
+                c.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        finally:
+            release.set()
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
-        stream.close()
         with pytest.raises(openai.BadRequestError):  # no chat template given to this server
             c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
